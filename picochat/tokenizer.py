@@ -1,0 +1,555 @@
+"""Tokenizer: text <-> token ids, chat templates, and streaming detokenization.
+
+One class wraps a `tokenizers.Tokenizer` (the Rust library behind Hugging Face's fast tokenizers) and
+can come from three places:
+
+    Tokenizer.from_file("path/to/hf_model_dir")       # tokenizer.json (+ tokenizer_config.json)
+    Tokenizer.from_gguf_metadata(meta)                # the tokenizer.* keys of a GGUF file
+    Tokenizer.train(iter(texts), vocab_size=32768)    # picochat's own byte-level BPE
+
+Chat prompts are rendered to text with a Jinja chat template and then encoded; special-token strings
+in that text (e.g. "<|im_start|>") are always encoded as their single special id.
+
+picochat's own chat format (DEFAULT_CHAT_TEMPLATE) writes every message as
+
+    <|system|>You are terse.<|end|><|user|>Hi!<|end|><|assistant|>Hello.<|end|>
+
+with no newlines, and a generation prompt is a bare `<|assistant|>`. `<|endoftext|>` separates
+pretraining documents (it is bos and eos); `<|end|>` ends a chat turn.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import jinja2.ext
+import tokenizers
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+
+# ----------------------------------------------------------------------------- picochat's chat format
+
+ENDOFTEXT = "<|endoftext|>"
+DEFAULT_SPECIAL_TOKENS = (ENDOFTEXT, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+CHAT_ROLES = ("system", "user", "assistant")
+
+# <|role|>content<|end|> per message, no separators; `<|assistant|>` as the generation prompt.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('picochat chat roles are system, user and assistant, not ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+# Tokens that end an assistant turn in common chat formats (llama.cpp auto-detects the same list).
+END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>",
+                      "<|endoftext|>", "<EOT>")
+
+# ----------------------------------------------------------------------------- pre-tokenizer regexes
+# A byte-level BPE vocabulary only reproduces its model's ids if text is split into words exactly as
+# when its merges were learned. These are the splits llama.cpp uses per `tokenizer.ggml.pre`.
+
+# Llama 3 / GPT-4 style: case-insensitive contractions, letters with one leading non-letter, numbers
+# in groups of up to 3 digits, punctuation runs that swallow trailing newlines, newline runs.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2: the Llama 3 split, but every digit on its own.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# tokenizer.ggml.pre -> pre-tokenizer family (names as llama.cpp's llama-vocab.cpp spells them)
+GGUF_PRE_TOKENIZERS = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "phi-2", "roberta-bpe", "mpt", "olmo"), "gpt2"),
+    # StarCoder-derived vocabularies: split off every digit, then the GPT-2 regex
+    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b"), "smollm"),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"), "llama3"),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), "qwen2"),
+}
+
+
+def byte_level_pre_tokenizer(family: str) -> pre_tokenizers.PreTokenizer:
+    """The pre-tokenizer for one family in GGUF_PRE_TOKENIZERS; all map bytes to GPT-2's alphabet."""
+    if family == "gpt2":  # ByteLevel's built-in regex is GPT-2's
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if family == "smollm":  # what SmolLM2's own tokenizer.json does
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    split = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[family]
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet byte-level BPE vocabularies are spelled in.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 are shifted to U+0100 and up, so that
+    e.g. a space is spelled "Ġ" and a newline "Ċ".
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+# GGUF token types (llama.cpp's llama_token_type)
+GGUF_TOKEN_NORMAL, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 3, 4
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _token_content(value) -> str | None:
+    """A special token from tokenizer_config.json: a string, or a serialized AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _pick_chat_template(value) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of named templates (take "default")."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _normalize_messages(messages) -> list[dict]:
+    """Copy chat messages, turning OpenAI-style content parts into one string (picochat is text-only)."""
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise ValueError(f"chat message {i} must be a dict with a 'role', got {message!r}")
+        message = dict(message)
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            texts = []
+            for part in content:
+                if isinstance(part, str):
+                    texts.append(part)
+                elif isinstance(part, dict) and part.get("type", "text") == "text":
+                    texts.append(part.get("text", ""))
+                else:
+                    raise ValueError(f"chat message {i}: only text content parts are supported, got {part!r}")
+            message["content"] = "".join(texts)
+        elif content is None:
+            message["content"] = ""
+        out.append(message)
+    return out
+
+
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    # The stock sandbox turns `x.__class__` into an Undefined that renders as ""; fail loudly instead.
+    def unsafe_undefined(self, obj, attribute):
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} is unsafe")
+
+
+def _compile_chat_template(source: str):
+    """Compile a chat template in a sandbox: templates come from model files, i.e. untrusted code."""
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson HTML-escapes <, >, & and '; chat templates want plain JSON (as transformers)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
+
+
+# ----------------------------------------------------------------------------- Tokenizer
+
+
+class Tokenizer:
+    """A byte-level BPE (or any tokenizer.json) tokenizer plus the chat settings a model needs."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, chat_template: str | None = None,
+                 model_max_length: int | None = None, add_bos_token: bool = False,
+                 extra_end_of_turn_tokens: Iterable[str] = ()):
+        """Wrap `backend`. Special tokens are given as strings and must be in its vocabulary.
+
+        add_bos_token only records the setting (it is saved to tokenizer_config.json); BOS is actually
+        added by the backend's post-processor when encode(..., add_special_tokens=True) is called.
+        """
+        self.backend = backend
+        for name, token in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token)):
+            if token is not None and backend.token_to_id(token) is None:
+                raise ValueError(f"{name} {token!r} is not in the tokenizer's vocabulary")
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        self.add_bos_token = add_bos_token
+        self._extra_end_of_turn_tokens = tuple(extra_end_of_turn_tokens)
+        self._compiled_template = None  # compiled on first apply_chat_template
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a Hugging Face tokenizer: a folder with tokenizer.json, or a tokenizer.json file.
+
+        tokenizer_config.json (and chat_template.jinja, as newer transformers save it) next to the
+        tokenizer.json supply the chat template, bos/eos/pad tokens and model_max_length when present.
+        """
+        path = Path(path)
+        if path.is_dir():
+            folder, tokenizer_json = path, path / "tokenizer.json"
+            if not tokenizer_json.is_file():
+                raise ValueError(f"{path}: folder has no tokenizer.json")
+        elif path.is_file():
+            folder, tokenizer_json = path.parent, path
+        else:
+            raise ValueError(f"{path}: no such tokenizer file or folder")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # the Rust side raises a bare Exception for bad JSON or unknown fields
+            raise ValueError(f"{tokenizer_json}: not a valid tokenizer.json ({e})") from e
+
+        config_path = folder / "tokenizer_config.json"
+        config = _read_json(config_path) if config_path.is_file() else {}
+        chat_template = _pick_chat_template(config.get("chat_template"))
+        jinja_path = folder / "chat_template.jinja"
+        if chat_template is None and jinja_path.is_file():
+            chat_template = jinja_path.read_text(encoding="utf-8")
+        max_len = config.get("model_max_length")
+        if not isinstance(max_len, int) or max_len >= 10**12:  # transformers writes 1e30 for "unknown"
+            max_len = None
+        try:
+            return cls(backend, bos_token=_token_content(config.get("bos_token")),
+                       eos_token=_token_content(config.get("eos_token")),
+                       pad_token=_token_content(config.get("pad_token")), chat_template=chat_template,
+                       model_max_length=max_len, add_bos_token=bool(config.get("add_bos_token", False)))
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from e
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, source: str = "GGUF metadata") -> "Tokenizer":
+        """Build the tokenizer a GGUF file describes from its metadata (GGUF key -> plain Python value).
+
+        Only byte-level BPE ("tokenizer.ggml.model" == "gpt2") is supported, with the word-splitting
+        regex chosen by "tokenizer.ggml.pre" as llama.cpp does. `source` (e.g. the file path) is used
+        in error messages.
+        """
+        model = meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(f"{source}: tokenizer model {model!r} (tokenizer.ggml.model) is not supported; "
+                             "picochat supports only 'gpt2' (byte-level BPE)")
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE_TOKENIZERS:
+            raise ValueError(f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
+                             f"supported: {', '.join(sorted(GGUF_PRE_TOKENIZERS))}")
+        family = GGUF_PRE_TOKENIZERS[pre]
+        tokens = meta.get("tokenizer.ggml.tokens")
+        merges = meta.get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise ValueError(f"{source}: missing tokenizer.ggml.tokens or tokenizer.ggml.merges")
+        types = meta.get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens)
+        if len(types) != len(tokens):
+            raise ValueError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
+
+        # Normal tokens are stored spelled in GPT-2's byte alphabet; respell any that are not (rare
+        # converter quirk) so that BPE can reach them. Control/user-defined tokens stay verbatim.
+        spelling = bytes_to_unicode()
+        alphabet = set(spelling.values())
+        vocab = {}
+        for i, (token, kind) in enumerate(zip(tokens, types)):
+            if kind not in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED) and not set(token) <= alphabet:
+                token = "".join(spelling[b] for b in token.encode("utf-8"))
+            vocab.setdefault(token, i)  # on duplicate strings the first id wins, as in lookups
+        try:
+            pairs = [tuple(m.split(" ")) for m in merges]
+            # Llama 3 vocabularies look a whole word up before merging (llama.cpp: ignore_merges)
+            bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=(family == "llama3"))
+        except Exception as e:
+            raise ValueError(f"{source}: invalid BPE vocabulary or merges ({e})") from e
+        backend = tokenizers.Tokenizer(bpe)
+        backend.pre_tokenizer = byte_level_pre_tokenizer(family)
+        backend.decoder = decoders.ByteLevel()
+        # Control tokens (<|im_start|>) are special; user-defined ones (<think>) are matched whole in
+        # text too but are ordinary text when decoding, as llama.cpp treats them.
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, k in zip(tokens, types) if k == GGUF_TOKEN_CONTROL])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                            for t, k in zip(tokens, types) if k == GGUF_TOKEN_USER_DEFINED])
+
+        def token_at(key):
+            i = meta.get(key)
+            if i is None:
+                return None
+            if not 0 <= int(i) < len(tokens):
+                raise ValueError(f"{source}: {key} = {i} is outside the vocabulary of {len(tokens)}")
+            return tokens[int(i)]
+
+        bos = token_at("tokenizer.ggml.bos_token_id")
+        # llama.cpp adds BOS by default for Llama 3 vocabularies unless the file says otherwise
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", family == "llama3")) and bos is not None
+        if add_bos:
+            backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[
+                (bos, backend.token_to_id(bos))])
+        arch = meta.get("general.architecture")
+        ctx = meta.get(f"{arch}.context_length")
+        extra_ends = [t for t in (token_at("tokenizer.ggml.eot_token_id"), token_at("tokenizer.ggml.eom_token_id"))
+                      if t is not None]
+        return cls(backend, bos_token=bos, eos_token=token_at("tokenizer.ggml.eos_token_id"),
+                   pad_token=token_at("tokenizer.ggml.padding_token_id"),
+                   chat_template=meta.get("tokenizer.chat_template"),
+                   model_max_length=int(ctx) if ctx is not None else None, add_bos_token=add_bos,
+                   extra_end_of_turn_tokens=extra_ends)
+
+    @classmethod
+    def train(cls, files_or_iterator, vocab_size: int, special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS,
+              min_frequency: int = 2, model_max_length: int | None = None,
+              show_progress: bool = False) -> "Tokenizer":
+        """Train a byte-level BPE tokenizer with picochat's special tokens and chat template.
+
+        files_or_iterator: a path or a list/tuple of paths to UTF-8 text files, or any other iterable
+        of strings (to train on in-memory text pass an iterator, e.g. iter(texts)).
+        vocab_size is an upper bound: tiny corpora may yield fewer merges. Special tokens get the first
+        ids, then the 256 byte tokens (so any UTF-8 text round-trips), then the merges.
+        """
+        special_tokens = list(special_tokens)
+        if len(set(special_tokens)) != len(special_tokens):
+            raise ValueError(f"special_tokens has duplicates: {special_tokens}")
+        if vocab_size < 256 + len(special_tokens):
+            raise ValueError(f"vocab_size {vocab_size} is too small: it must hold the 256 byte tokens plus "
+                             f"{len(special_tokens)} special tokens, i.e. be at least {256 + len(special_tokens)}")
+
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=special_tokens, show_progress=show_progress,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+        if isinstance(files_or_iterator, (str, os.PathLike)):
+            files_or_iterator = [files_or_iterator]
+        if isinstance(files_or_iterator, (list, tuple)):  # file paths
+            files = [str(f) for f in files_or_iterator]
+            for f in files:
+                if not os.path.isfile(f):
+                    raise ValueError(f"{f}: training file not found (to train on in-memory text, "
+                                     "pass an iterator such as iter(texts))")
+            if sum(os.path.getsize(f) for f in files) == 0:
+                raise ValueError(f"training input is empty: {', '.join(files) or 'no files given'}")
+            backend.train(files, trainer)
+        else:  # an iterable of strings; count characters on the way through to detect empty input
+            n_chars = 0
+
+            def texts() -> Iterator[str]:
+                nonlocal n_chars
+                for text in files_or_iterator:
+                    if not isinstance(text, str):
+                        raise ValueError(f"training iterator must yield str, got {type(text).__name__}")
+                    n_chars += len(text)
+                    yield text
+
+            backend.train_from_iterator(texts(), trainer)
+            if n_chars == 0:
+                raise ValueError("training input is empty: the iterator yielded no text")
+
+        bos = eos = ENDOFTEXT if ENDOFTEXT in special_tokens else None
+        if bos is not None:  # encode(doc, add_special_tokens=True) starts the document with <|endoftext|>
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))])
+        has_chat_tokens = all(f"<|{r}|>" in special_tokens for r in (*CHAT_ROLES, "end"))
+        return cls(backend, bos_token=bos, eos_token=eos,
+                   chat_template=DEFAULT_CHAT_TEMPLATE if has_chat_tokens else None,
+                   model_max_length=model_max_length, add_bos_token=bos is not None)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids for `text`. Special-token strings in the text become their special ids.
+
+        add_special_tokens=True adds BOS where this tokenizer's config says to (add_bos_token).
+        """
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """encode() for many texts at once, in parallel threads (for data preparation)."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text for `ids`; bytes that do not form complete UTF-8 characters decode to U+FFFD."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (the model's embedding needs at least this many rows)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token string as spelled in the vocabulary (e.g. "<|end|>", "Ġthe"), or None."""
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's spelling of a token id, or None if out of range."""
+        return self.backend.id_to_token(token_id)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self.token_to_id(self.pad_token)
+
+    @property
+    def end_of_turn_ids(self) -> set[int]:
+        """Ids that end an assistant turn: eos plus the known end-of-turn tokens this vocabulary has."""
+        ids = {self.eos_token_id} if self.eos_token_id is not None else set()
+        added = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
+        for token in (*END_OF_TURN_TOKENS, *self._extra_end_of_turn_tokens):
+            if token in added:  # only added tokens: a plain BPE piece spelled "<|end|>" is just text
+                ids.add(added[token])
+        return ids
+
+    # ------------------------------------------------------------------ chat
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render a conversation to prompt text with this tokenizer's Jinja chat template.
+
+        messages: [{"role": ..., "content": str or [{"type": "text", "text": ...}, ...]}, ...].
+        Extra kwargs (e.g. tools) are passed to the template, as transformers does. Any failure of the
+        template (syntax, raise_exception, sandbox violation) raises ValueError.
+        """
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template")
+        messages = _normalize_messages(messages)
+        try:
+            if self._compiled_template is None:
+                self._compiled_template = _compile_chat_template(self.chat_template)
+            variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                         "pad_token": self.pad_token or "", **kwargs}
+            return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                  **variables)
+        except TemplateError as e:
+            raise ValueError(f"chat template error: {type(e).__name__}: {e}") from e
+        except (TypeError, KeyError, IndexError, AttributeError, ValueError) as e:  # e.g. str + None in a template
+            raise ValueError(f"chat template failed to render: {type(e).__name__}: {e}") from e
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write tokenizer.json and tokenizer_config.json so transformers.AutoTokenizer can load the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        added = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(self.backend.get_added_tokens_decoder().items())
+        }
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": self.add_bos_token,
+            "clean_up_tokenization_spaces": False,  # else transformers' decode edits spaces before punctuation
+            "added_tokens_decoder": added,
+        }
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        _atomic_write_text(folder / "tokenizer.json", self.backend.to_str(pretty=True))
+        _atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+                f"chat_template={'yes' if self.chat_template else 'no'})")
+
+
+# ----------------------------------------------------------------------------- streaming detokenization
+
+
+class StreamDecoder:
+    """Turns generated token ids into text incrementally, never emitting half a UTF-8 character.
+
+    A multi-byte character (Chinese, emoji) is often split across tokens; decoding such a prefix gives
+    U+FFFD. So, as vLLM and TGI do, we decode a short window ids[prefix_offset:] and emit only the text
+    beyond what ids[prefix_offset:read_offset] already produced, and only once it does not end in
+    U+FFFD. Decoding the window (not just the new id) also keeps context-dependent decoders (e.g. a
+    sentencepiece leading space) right. The window restarts at every emission, so work per token is O(1)
+    for normal text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: text before it has been emitted
+        self.read_offset = 0    # ids[prefix_offset:read_offset] decode to text that has been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the newly completed text (possibly "")."""
+        self.ids.append(token_id)
+        emitted = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(emitted):]
+        return ""
+
+    def flush(self) -> str:
+        """Return any held-back text (an incomplete character comes out as U+FFFD) and reset."""
+        emitted = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        self.ids, self.prefix_offset, self.read_offset = [], 0, 0
+        return text[len(emitted):]

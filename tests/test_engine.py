@@ -1,0 +1,128 @@
+"""The generation engine on a tiny random model: greedy equals a plain argmax loop, sampling rules, stops, streaming."""
+import pytest
+import torch
+
+from picochat.config import ModelConfig
+from picochat.engine import Engine, SamplingParams, sample_next
+from picochat.model import GPT
+from picochat.tokenizer import Tokenizer
+
+TEXT = ("The quick brown fox jumps over the lazy dog. 自注意力机制使得模型能够捕捉长距离依赖关系。"
+        "def f(x):\n    return x * 2  # 🎉\n") * 20
+
+
+@pytest.fixture(scope="module")
+def engine():
+    tok = Tokenizer.train([TEXT], vocab_size=320)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                         intermediate_size=128, max_seq_len=96, initializer_range=0.3)
+    return Engine(GPT(config), tok)
+
+
+def prompt(engine):
+    return engine.tokenizer.encode("The quick brown fox")
+
+
+@torch.no_grad()
+def reference_greedy(model, ids, n):
+    ids = list(ids)
+    for _ in range(n):  # no KV cache: the whole sequence every step
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0, stop_token_ids=[], **kw)
+
+
+def test_greedy_matches_plain_argmax_loop(engine):
+    ids = prompt(engine)
+    gen = engine.complete(ids, greedy(max_new_tokens=20))
+    assert gen.token_ids == reference_greedy(engine.model, ids, 20)[len(ids):]
+    assert gen.finish_reason == "length" and gen.stats.completion_tokens == 20
+
+
+def test_streamed_pieces_join_to_the_text_and_never_split_a_character(engine):
+    ids = engine.tokenizer.encode("自注意力")
+    gen = engine.generate(ids, greedy(max_new_tokens=40))
+    pieces = list(gen)
+    assert "".join(pieces) == gen.text == engine.tokenizer.decode(gen.token_ids)
+    assert all("\ufffd" not in p for p in pieces[:-1])
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    ids = prompt(engine)
+    p = dict(temperature=1.0, max_new_tokens=15, stop_token_ids=[])
+    a = engine.complete(ids, SamplingParams(seed=7, **p)).token_ids
+    b = engine.complete(ids, SamplingParams(seed=7, **p)).token_ids
+    c = engine.complete(ids, SamplingParams(seed=8, **p)).token_ids
+    assert a == b and a != c
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(engine):
+    ids = prompt(engine)
+    want = engine.complete(ids, greedy(max_new_tokens=10)).token_ids
+    for extra in (dict(top_k=1), dict(top_p=1e-6)):
+        got = engine.complete(ids, SamplingParams(temperature=1.5, seed=3, max_new_tokens=10, stop_token_ids=[], **extra))
+        assert got.token_ids == want
+
+
+def test_top_k_and_top_p_keep_only_allowed_tokens():
+    logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0])
+    g = torch.Generator().manual_seed(0)
+    seen = {sample_next(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)}
+    assert seen == {0, 1}
+    # probabilities ≈ .63 .23 .09 ...: top_p=0.8 keeps the first two only
+    seen = {sample_next(logits, SamplingParams(temperature=1.0, top_p=0.8), g) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_repetition_penalty_changes_choice():
+    logits = torch.tensor([2.0, 1.9, 0.0])
+    assert sample_next(logits.clone(), SamplingParams(temperature=0), None) == 0
+    assert sample_next(logits.clone(), SamplingParams(temperature=0, repetition_penalty=1.2), None,
+                       context=torch.tensor([0])) == 1
+
+
+def test_stop_string_truncates_and_finishes(engine):
+    ids = prompt(engine)
+    full = engine.complete(ids, greedy(max_new_tokens=30)).text
+    stop = full[8:11]
+    assert len(stop) == 3
+    gen = engine.complete(ids, greedy(max_new_tokens=30, stop=[stop]))
+    assert gen.text == full[:full.index(stop)]
+    assert gen.finish_reason == "stop"
+
+
+def test_stop_token_ends_the_turn(engine):
+    ids = prompt(engine)
+    full = engine.complete(ids, greedy(max_new_tokens=10)).token_ids
+    gen = engine.complete(ids, SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[full[3]]))
+    first = full.index(full[3])
+    assert gen.token_ids == full[:first] and gen.finish_reason == "stop"
+
+
+def test_stats_are_measured(engine):
+    gen = engine.complete(prompt(engine), greedy(max_new_tokens=12))
+    s = gen.stats
+    assert s.prompt_tokens == len(prompt(engine)) and s.completion_tokens == 12
+    assert s.time_to_first_token > 0 and s.tokens_per_s > 0 and s.decode_steps == 11
+
+
+def test_generation_stops_at_the_context_length(engine):
+    ids = engine.tokenizer.encode(TEXT)[:90]
+    gen = engine.complete(ids, greedy(max_new_tokens=50))
+    assert gen.stats.completion_tokens == 96 - 90 and gen.finish_reason == "length"
+
+
+def test_bad_requests_are_clear_errors(engine):
+    with pytest.raises(ValueError, match="context"):
+        engine.generate(engine.tokenizer.encode(TEXT)[:200], greedy())
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([], greedy())
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate([1], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate([1], SamplingParams(temperature=-1))
