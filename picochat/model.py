@@ -178,10 +178,15 @@ class GPT(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.position == "rope":
             self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        if self.embed.weight.device.type != "meta":  # built on "meta" to be filled from a checkpoint
+            self.init_weights()
+
+    def init_weights(self):
+        """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled by 1/√(2·n_layer)."""
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+        for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -73,8 +73,8 @@ QWEN2_SPLIT = (
 GGUF_PRE_TOKENIZERS = {
     **dict.fromkeys(("default", "gpt-2", "gpt2", "phi-2", "roberta-bpe", "mpt", "olmo"), "gpt2"),
     # StarCoder-derived vocabularies: split off every digit, then the GPT-2 regex
-    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b"), "smollm"),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"), "llama3"),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), "smollm"),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), "llama3"),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), "qwen2"),
 }
 
@@ -153,6 +153,34 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _training_texts(items) -> Iterator[str]:
+    """Training text from an iterable of texts and file paths (see Tokenizer.train)."""
+    for item in items:
+        is_path = isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item
+                                                    and os.path.isfile(item))
+        if not is_path:
+            if not isinstance(item, str):
+                raise ValueError(f"training input must be str texts or file paths, got {type(item).__name__}")
+            yield item
+            continue
+        if not os.path.isfile(item):
+            raise ValueError(f"{item}: training file not found")
+        # yield ~1 MB of whole lines at a time: runs of newlines stay together, memory stays bounded
+        try:
+            with open(item, encoding="utf-8") as f:
+                chunk, size = [], 0
+                for line in f:
+                    chunk.append(line)
+                    size += len(line)
+                    if size >= 1 << 20:
+                        yield "".join(chunk)
+                        chunk, size = [], 0
+                if chunk:
+                    yield "".join(chunk)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{item}: training file is not UTF-8 text ({e})") from e
+
+
 def _normalize_messages(messages) -> list[dict]:
     """Copy chat messages, turning OpenAI-style content parts into one string (picochat is text-only)."""
     out = []
@@ -171,8 +199,6 @@ def _normalize_messages(messages) -> list[dict]:
                 else:
                     raise ValueError(f"chat message {i}: only text content parts are supported, got {part!r}")
             message["content"] = "".join(texts)
-        elif content is None:
-            message["content"] = ""
         out.append(message)
     return out
 
@@ -349,8 +375,8 @@ class Tokenizer:
               show_progress: bool = False) -> "Tokenizer":
         """Train a byte-level BPE tokenizer with picochat's special tokens and chat template.
 
-        files_or_iterator: a path or a list/tuple of paths to UTF-8 text files, or any other iterable
-        of strings (to train on in-memory text pass an iterator, e.g. iter(texts)).
+        files_or_iterator: a path to a UTF-8 text file, or an iterable whose items are texts or files:
+        a Path (os.PathLike) item is a file, a str item is a file if it names an existing one, else text.
         vocab_size is an upper bound: tiny corpora may yield fewer merges. Special tokens get the first
         ids, then the 256 byte tokens (so any UTF-8 text round-trips), then the merges.
         """
@@ -370,31 +396,19 @@ class Tokenizer:
                                       special_tokens=special_tokens, show_progress=show_progress,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
 
-        if isinstance(files_or_iterator, (str, os.PathLike)):
-            files_or_iterator = [files_or_iterator]
-        if isinstance(files_or_iterator, (list, tuple)):  # file paths
-            files = [str(f) for f in files_or_iterator]
-            for f in files:
-                if not os.path.isfile(f):
-                    raise ValueError(f"{f}: training file not found (to train on in-memory text, "
-                                     "pass an iterator such as iter(texts))")
-            if sum(os.path.getsize(f) for f in files) == 0:
-                raise ValueError(f"training input is empty: {', '.join(files) or 'no files given'}")
-            backend.train(files, trainer)
-        else:  # an iterable of strings; count characters on the way through to detect empty input
-            n_chars = 0
+        if isinstance(files_or_iterator, (str, os.PathLike)):  # a single argument is a file path
+            files_or_iterator = [Path(files_or_iterator)]
+        n_chars = 0  # counted on the way through, to reject empty input
 
-            def texts() -> Iterator[str]:
-                nonlocal n_chars
-                for text in files_or_iterator:
-                    if not isinstance(text, str):
-                        raise ValueError(f"training iterator must yield str, got {type(text).__name__}")
-                    n_chars += len(text)
-                    yield text
+        def texts() -> Iterator[str]:
+            nonlocal n_chars
+            for text in _training_texts(files_or_iterator):
+                n_chars += len(text)
+                yield text
 
-            backend.train_from_iterator(texts(), trainer)
-            if n_chars == 0:
-                raise ValueError("training input is empty: the iterator yielded no text")
+        backend.train_from_iterator(texts(), trainer)
+        if n_chars == 0:
+            raise ValueError("training input is empty: no text in the given files or iterator")
 
         bos = eos = ENDOFTEXT if ENDOFTEXT in special_tokens else None
         if bos is not None:  # encode(doc, add_special_tokens=True) starts the document with <|endoftext|>

@@ -44,12 +44,37 @@ def test_greedy_matches_plain_argmax_loop(engine):
     assert gen.finish_reason == "length" and gen.stats.completion_tokens == 20
 
 
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a GPT and always predicts the next token of a fixed script."""
+
+    def __init__(self, config, script):
+        super().__init__()
+        self.config, self.script, self.prompt_len = config, script, None
+
+    def new_kv_cache(self, batch_size=1, max_len=None):
+        return GPT.new_kv_cache.__get__(GPT(self.config.replace(n_layer=1)))(batch_size, max_len)
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        if kv_cache.length == 0:
+            self.prompt_len = idx.shape[1]
+        kv_cache.length += idx.shape[1]
+        logits = torch.zeros(1, 1, self.config.vocab_size)
+        logits[0, 0, self.script[kv_cache.length - self.prompt_len]] = 1.0
+        return logits, None
+
+
 def test_streamed_pieces_join_to_the_text_and_never_split_a_character(engine):
-    ids = engine.tokenizer.encode("自注意力")
-    gen = engine.generate(ids, greedy(max_new_tokens=40))
+    text = "自注意力机制 🎉👩‍👩‍👧 ok"
+    script = engine.tokenizer.encode(text)
+    assert len(script) > len(text) // 2  # multi-byte characters span several byte-level tokens
+    scripted = Engine(ScriptedModel(engine.model.config, script + [0] * 5), engine.tokenizer)
+    gen = scripted.generate(engine.tokenizer.encode("x"), greedy(max_new_tokens=len(script)))
     pieces = list(gen)
-    assert "".join(pieces) == gen.text == engine.tokenizer.decode(gen.token_ids)
-    assert all("\ufffd" not in p for p in pieces[:-1])
+    assert "".join(pieces) == gen.text == text
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 3
+    # and random tokens (often invalid UTF-8) still join up to the full decode
+    gen = engine.generate(engine.tokenizer.encode("自注意力"), greedy(max_new_tokens=40))
+    assert "".join(gen) == engine.tokenizer.decode(gen.token_ids)
 
 
 def test_seed_makes_sampling_reproducible(engine):

@@ -22,7 +22,7 @@ import math
 import os
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -116,8 +116,8 @@ class _Cursor:
         end = self.pos + n
         if end > self.file_size:
             raise GGUFError(
-                f"{self.path} is truncated: reading {self.what} needs bytes up to {end:,} but the file has only "
-                f"{self.file_size:,} bytes. The download or conversion was cut short; get the file again.")
+                f"{self.path} is truncated (or corrupt): reading {self.what} needs bytes up to {end:,} but the "
+                f"file has only {self.file_size:,} bytes. The download or conversion was cut short; get the file again.")
         if end > len(self.buf):
             want = max(end - len(self.buf), _CHUNK, len(self.buf))  # grow geometrically
             self.f.seek(len(self.buf))
@@ -200,50 +200,63 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
         f = open(p, "rb")
     except OSError as e:
         raise GGUFError(f"{p} cannot be read: {e}") from e
-    with f:
-        if file_size == 0:
-            raise GGUFError(f"{p} is empty (0 bytes), not a GGUF file: the download or conversion failed; "
-                            f"get the file again.")
-        head = f.read(16)
-        if head[:4] != GGUF_MAGIC:
-            raise GGUFError(f"{p} is not a GGUF file (starts with {head[:4]!r} not {GGUF_MAGIC!r})."
-                            + _not_gguf_hint(head))
-        cur = _Cursor(f, p, file_size)
-        cur.pos = 4
-        cur.what = "the version"
-        version = cur.unpack("<I")
-        if version & 0xFFFF == 0 and version != 0:
-            raise GGUFError(f"{p} is a big-endian GGUF file, which picochat does not read: "
-                            f"use a little-endian (standard) GGUF.")
-        if version not in SUPPORTED_VERSIONS:
-            raise GGUFError(f"{p} is GGUF version {version}; picochat reads versions "
-                            f"{', '.join(map(str, SUPPORTED_VERSIONS))}: re-convert it with a current llama.cpp.")
-        cur.what = "the tensor and key/value counts"
-        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
-        metadata: dict[str, Any] = {}
-        for i in range(n_kv):
-            cur.what = f"metadata entry {i + 1} of {n_kv}"
-            key = cur.string()
-            cur.what = f"metadata key {key!r}"
-            vtype = cur.unpack("<I")
-            metadata[key] = cur.value(vtype, key)
-        qtypes, quant_sizes = _ggml_types()
-        infos: list[tuple[str, tuple[int, ...], int, int]] = []
-        for i in range(n_tensors):
-            cur.what = f"tensor info {i + 1} of {n_tensors}"
-            name = cur.string()
-            cur.what = f"the info of tensor {name!r}"
-            n_dims = cur.unpack("<I")
-            if not 1 <= n_dims <= 4:
-                raise GGUFError(f"{p} is corrupt: tensor {name!r} has {n_dims} dimensions (GGUF allows 1-4). "
-                                f"Get or convert the file again.")
-            dims = tuple(int(d) for d in cur.array(np.uint64, n_dims))
-            type_id, offset = cur.unpack("<I"), cur.unpack("<Q")
-            infos.append((name, dims, type_id, offset))
-        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise GGUFError(f"{p} is corrupt: general.alignment is {alignment!r}, not a power of two.")
-        data_offset = -(-cur.pos // alignment) * alignment
+    try:
+        with f:
+            return _parse_header(f, p, file_size)
+    except GGUFError:
+        raise
+    except (Exception, RecursionError) as e:  # a crafted/corrupt header must still give a GGUFError
+        raise GGUFError(f"{p} has a corrupt GGUF header ({type(e).__name__}: {e}). "
+                        f"Get or convert the file again.") from e
+
+
+def _parse_header(f, p: str, file_size: int) -> GGUFHeader:
+    if file_size == 0:
+        raise GGUFError(f"{p} is empty (0 bytes), not a GGUF file: the download or conversion failed; "
+                        f"get the file again.")
+    head = f.read(16)
+    if len(head) < 4 and GGUF_MAGIC.startswith(head):
+        raise GGUFError(f"{p} is truncated: it has only {len(head)} bytes. The download or conversion was cut "
+                        f"short; get the file again.")
+    if head[:4] != GGUF_MAGIC:
+        raise GGUFError(f"{p} is not a GGUF file (starts with {head[:4]!r} not {GGUF_MAGIC!r})."
+                        + _not_gguf_hint(head))
+    cur = _Cursor(f, p, file_size)
+    cur.pos = 4
+    cur.what = "the version"
+    version = cur.unpack("<I")
+    if version & 0xFFFF == 0 and version != 0:
+        raise GGUFError(f"{p} is a big-endian GGUF file, which picochat does not read: "
+                        f"use a little-endian (standard) GGUF.")
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFError(f"{p} is GGUF version {version}; picochat reads versions "
+                        f"{', '.join(map(str, SUPPORTED_VERSIONS))}: re-convert it with a current llama.cpp.")
+    cur.what = "the tensor and key/value counts"
+    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        cur.what = f"metadata entry {i + 1} of {n_kv}"
+        key = cur.string()
+        cur.what = f"metadata key {key!r}"
+        vtype = cur.unpack("<I")
+        metadata[key] = cur.value(vtype, key)
+    qtypes, quant_sizes = _ggml_types()
+    infos: list[tuple[str, tuple[int, ...], int, int]] = []
+    for i in range(n_tensors):
+        cur.what = f"tensor info {i + 1} of {n_tensors}"
+        name = cur.string()
+        cur.what = f"the info of tensor {name!r}"
+        n_dims = cur.unpack("<I")
+        if not 1 <= n_dims <= 4:
+            raise GGUFError(f"{p} is corrupt: tensor {name!r} has {n_dims} dimensions (GGUF allows 1-4). "
+                            f"Get or convert the file again.")
+        dims = tuple(int(d) for d in cur.array(np.uint64, n_dims))
+        type_id, offset = cur.unpack("<I"), cur.unpack("<Q")
+        infos.append((name, dims, type_id, offset))
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{p} is corrupt: general.alignment is {alignment!r}, not a power of two.")
+    data_offset = -(-cur.pos // alignment) * alignment
 
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, dims, type_id, offset in infos:
@@ -330,7 +343,17 @@ def _llama3_rope_scaling(h: GGUFHeader, theta: float, head_dim: int) -> dict | N
 
 
 def config_from_gguf(h: GGUFHeader) -> ModelConfig:
-    """The ModelConfig a GGUF header describes (from metadata plus tensor shapes)."""
+    """The ModelConfig a GGUF header describes (from metadata plus tensor shapes).  Raises GGUFError."""
+    try:
+        return _config_from_gguf(h)
+    except GGUFError:
+        raise
+    except Exception as e:  # e.g. a corrupt value of the wrong type
+        raise GGUFError(f"{h.path}: its hyper-parameters do not form a valid model config "
+                        f"({type(e).__name__}: {e}). The file is corrupt or unusual; re-convert it.") from e
+
+
+def _config_from_gguf(h: GGUFHeader) -> ModelConfig:
     arch = h.architecture
     if arch is None:
         raise GGUFError(f"{h.path} has no general.architecture key, so picochat cannot tell which model it is. "
@@ -354,59 +377,64 @@ def config_from_gguf(h: GGUFHeader) -> ModelConfig:
     ffn = _key(h, arch, "feed_forward_length")
     if ffn is None:
         ffn = t["blk.0.ffn_up.weight"].shape[0] if "blk.0.ffn_up.weight" in t else 4 * n_embd
+    if n_layer > len(t):
+        raise GGUFError(f"{h.path}: block_count is {n_layer} but the file holds only {len(t)} tensors; "
+                        f"the file is corrupt or incomplete. Get or convert it again.")
     tied = "output.weight" not in t
     bos = h.metadata.get("tokenizer.ggml.bos_token_id")
     eos = h.metadata.get("tokenizer.ggml.eos_token_id")
+    # end-of-turn / end-of-message ids (Llama 3 <|eot_id|>, <|eom_id|>) also end generation
+    extra_eos = [h.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
+    extra_eos = [e for e in dict.fromkeys(extra_eos) if isinstance(e, int) and e != eos]
+    if extra_eos:
+        eos = ([eos] if isinstance(eos, int) else []) + extra_eos
     common = dict(architecture=arch, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                   intermediate_size=int(ffn), max_seq_len=n_ctx, tie_word_embeddings=tied,
                   bos_token_id=bos, eos_token_id=eos)
     if n_head <= 0 or n_embd <= 0 or n_layer <= 0:
         raise GGUFError(f"{h.path}: nonsensical hyper-parameters (block_count={n_layer}, "
                         f"embedding_length={n_embd}, head_count={n_head}); the file is corrupt.")
-    try:
-        if arch == "gpt2":
-            if n_embd % n_head:
-                raise GGUFError(f"{h.path}: embedding_length {n_embd} is not divisible by head_count {n_head}.")
-            return ModelConfig(**common, n_kv_head=n_head, head_dim=n_embd // n_head,
-                               norm="layernorm", norm_eps=float(_key(h, arch, "attention.layer_norm_epsilon", 1e-5)),
-                               mlp="gelu", position="learned", qkv_bias=True, out_bias=True, mlp_bias=True)
-        # llama / qwen2
-        n_kv = int(_key(h, arch, "attention.head_count_kv", n_head))
-        head_dim = _key(h, arch, "attention.key_length")
-        if head_dim is None and "blk.0.attn_q.weight" in t and t["blk.0.attn_q.weight"].shape[0] % n_head == 0:
-            head_dim = t["blk.0.attn_q.weight"].shape[0] // n_head
-        if head_dim is None:
-            head_dim = _key(h, arch, "rope.dimension_count", n_embd // n_head)
-        head_dim = int(head_dim)
-        rot = _key(h, arch, "rope.dimension_count")
-        if rot is not None and int(rot) != head_dim:
-            raise GGUFError(f"{h.path}: rope.dimension_count {rot} differs from the head size {head_dim} "
-                            f"(partial rotary embeddings), which picochat does not support.")
-        value_length = _key(h, arch, "attention.value_length")
-        if value_length is not None and int(value_length) != head_dim:
-            raise GGUFError(f"{h.path}: attention key and value head sizes differ ({head_dim} vs {value_length}), "
-                            f"which picochat does not support.")
-        theta = float(_key(h, arch, "rope.freq_base", 10000.0))
-        scaling_type = _key(h, arch, "rope.scaling.type", "none")
-        if scaling_type not in ("none", None):
-            raise GGUFError(f"{h.path}: RoPE scaling type {scaling_type!r} is not supported "
-                            f"(picochat supports Llama-3 scaling only).")
-        if n_kv <= 0 or n_head % n_kv:
-            raise GGUFError(f"{h.path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}; "
-                            f"the file is corrupt.")
-        has = lambda suffix: f"blk.0.{suffix}" in t  # noqa: E731
-        is_qwen = arch == "qwen2"
-        return ModelConfig(**common, n_kv_head=n_kv, head_dim=head_dim, norm="rmsnorm",
-                           norm_eps=float(_key(h, arch, "attention.layer_norm_rms_epsilon", 1e-5)),
-                           mlp="swiglu", position="rope", rope_theta=theta,
-                           rope_scaling=_llama3_rope_scaling(h, theta, head_dim),
-                           qkv_bias=True if is_qwen else has("attn_q.bias"),
-                           out_bias=False if is_qwen else has("attn_output.bias"),
-                           mlp_bias=False if is_qwen else (has("ffn_up.bias") or has("ffn_down.bias")))
-    except GGUFError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise GGUFError(f"{h.path}: its hyper-parameters do not form a valid model config: {e}") from e
+    if arch == "gpt2":
+        if n_embd % n_head:
+            raise GGUFError(f"{h.path}: embedding_length {n_embd} is not divisible by head_count {n_head}.")
+        return ModelConfig(**common, n_kv_head=n_head, head_dim=n_embd // n_head,
+                           norm="layernorm", norm_eps=float(_key(h, arch, "attention.layer_norm_epsilon", 1e-5)),
+                           mlp="gelu", position="learned", qkv_bias=True, out_bias=True, mlp_bias=True)
+    # llama / qwen2
+    n_kv = int(_key(h, arch, "attention.head_count_kv", n_head))
+    head_dim = _key(h, arch, "attention.key_length")
+    if head_dim is None and "blk.0.attn_q.weight" in t and t["blk.0.attn_q.weight"].shape[0] % n_head == 0:
+        head_dim = t["blk.0.attn_q.weight"].shape[0] // n_head
+    if head_dim is None:
+        head_dim = _key(h, arch, "rope.dimension_count", n_embd // n_head)
+    head_dim = int(head_dim)
+    rot = _key(h, arch, "rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+        raise GGUFError(f"{h.path}: rope.dimension_count {rot} differs from the head size {head_dim} "
+                        f"(partial rotary embeddings), which picochat does not support.")
+    value_length = _key(h, arch, "attention.value_length")
+    if value_length is not None and int(value_length) != head_dim:
+        raise GGUFError(f"{h.path}: attention key and value head sizes differ ({head_dim} vs {value_length}), "
+                        f"which picochat does not support.")
+    theta = float(_key(h, arch, "rope.freq_base", 10000.0))
+    scaling_type = _key(h, arch, "rope.scaling.type", "none")
+    if scaling_type == "linear" and float(_key(h, arch, "rope.scaling.factor", 1.0)) == 1.0:
+        scaling_type = "none"
+    if scaling_type not in ("none", None):
+        raise GGUFError(f"{h.path}: RoPE scaling type {scaling_type!r} is not supported "
+                        f"(picochat supports Llama-3 scaling only).")
+    if n_kv <= 0 or n_head % n_kv:
+        raise GGUFError(f"{h.path}: head_count {n_head} is not a multiple of head_count_kv {n_kv}; "
+                        f"the file is corrupt.")
+    has = lambda suffix: f"blk.0.{suffix}" in t  # noqa: E731
+    is_qwen = arch == "qwen2"
+    return ModelConfig(**common, n_kv_head=n_kv, head_dim=head_dim, norm="rmsnorm",
+                       norm_eps=float(_key(h, arch, "attention.layer_norm_rms_epsilon", 1e-5)),
+                       mlp="swiglu", position="rope", rope_theta=theta,
+                       rope_scaling=_llama3_rope_scaling(h, theta, head_dim),
+                       qkv_bias=True if is_qwen else has("attn_q.bias"),
+                       out_bias=False if is_qwen else has("attn_output.bias"),
+                       mlp_bias=False if is_qwen else (has("ffn_up.bias") or has("ffn_down.bias")))
 
 
 # ----------------------------------------------------------------------------- tensor plan
@@ -490,16 +518,18 @@ def _natural(name: str):
 
 
 # ----------------------------------------------------------------------------- tensor data
-def _read_tensor(h: GGUFHeader, info: GGUFTensorInfo) -> np.ndarray:
-    """Dequantize one tensor to a float32 numpy array of its logical shape."""
+def _read_tensor(h: GGUFHeader, info: GGUFTensorInfo, f=None) -> np.ndarray:
+    """Dequantize one tensor to a float32 numpy array of its logical shape (f: an open handle of h.path)."""
     import gguf
     qtype = gguf.GGMLQuantizationType(info.type_id)
     if info.type_name not in SUPPORTED_TENSOR_TYPES:
         raise GGUFError(f"{h.path}: tensor {info.name!r} has type {info.type_name}, which picochat cannot dequantize "
                         f"(supported: {', '.join(SUPPORTED_TENSOR_TYPES)}).")
-    with open(h.path, "rb") as f:
-        f.seek(info.offset)
-        raw = f.read(info.n_bytes)
+    if f is None:
+        with open(h.path, "rb") as f:
+            return _read_tensor(h, info, f)
+    f.seek(info.offset)
+    raw = f.read(info.n_bytes)
     if len(raw) != info.n_bytes:
         raise GGUFError(f"{h.path} is truncated: tensor {info.name!r} needs {info.n_bytes:,} bytes at offset "
                         f"{info.offset:,} but only {len(raw):,} could be read. Get the file again.")
@@ -552,26 +582,30 @@ class GGUFModel:
 def load_gguf(path: str | os.PathLike) -> GGUFModel:
     """Load a llama / qwen2 / gpt2 GGUF file: config, float32 state dict (dequantized), metadata.
 
+    The state dict uses picochat's names and loads into picochat.model.GPT(config) with strict=True.
     Raises GGUFError (a ValueError) naming the file and the problem for anything unreadable.
     """
     h = read_gguf_header(path)
     try:
         cfg = config_from_gguf(h)
         plan = _tensor_plan(cfg)
-        _check_plan(h, cfg, plan)
-        cache: dict[str, np.ndarray] = {}
+        _check_plan(h, cfg, plan)  # all names, shapes and types are checked before any dequantization
         sd: dict[str, torch.Tensor] = {}
-        for ours, g, shape, tf in plan:
-            if g not in cache:
-                cache = {g: _read_tensor(h, h.tensors[g])}  # fused qkv is read once, used three times
-            w = cache[g].reshape(shape)  # a 1-D norm stored as [1, n] comes out [n]
-            if tf and tf[0] == "unpermute":
-                w = _unpermute(w, tf[1])
-            elif tf and tf[0] == "split":
-                w = np.split(w, tf[2], axis=0)[tf[1]]
-            sd[ours] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        cache: dict[str, np.ndarray] = {}
+        with open(h.path, "rb") as f:
+            for ours, g, shape, tf in plan:
+                if g not in cache:
+                    cache = {g: _read_tensor(h, h.tensors[g], f)}  # a fused qkv is read once, used three times
+                w = cache[g].reshape(shape)  # a 1-D norm stored as [1, n] comes out [n]
+                if tf and tf[0] == "unpermute":
+                    w = _unpermute(w, tf[1])
+                elif tf and tf[0] == "split":
+                    w = np.split(w, tf[2], axis=0)[tf[1]]
+                sd[ours] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     except GGUFError:
         raise
+    except OSError as e:
+        raise GGUFError(f"{h.path} cannot be read: {e}") from e
     except Exception as e:  # never let a raw traceback type escape for a bad file
         raise GGUFError(f"{h.path}: could not load the model: {type(e).__name__}: {e}") from e
     counts = Counter(t.type_name for t in h.tensors.values())

@@ -1,0 +1,70 @@
+"""`picochat info`: what a model file or folder holds, read from headers only (no weights loaded)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from safetensors import safe_open
+
+from . import models
+from .formats.gguf import gguf_tensor_summary
+from .formats.hf import CheckpointError, read_config, weight_files
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _types(counts: dict) -> str:
+    return ", ".join(f"{n} × {t}" for t, n in counts.items())
+
+
+def describe(model: str | None) -> dict[str, str]:
+    """A few human-readable facts about a model: architecture, size, tensor types, context, chat template."""
+    path = models.resolve(model)
+    if path.is_dir():
+        config = read_config(path)
+        types, n_params = Counter(), 0
+        for f in weight_files(path):
+            try:
+                with safe_open(f, "pt") as sf:
+                    for name in sf.keys():
+                        piece = sf.get_slice(name)
+                        types[piece.get_dtype()] += 1
+                        shape = piece.get_shape()
+                        n = 1
+                        for d in shape:
+                            n *= d
+                        n_params += n
+            except Exception as e:  # safetensors raises several types for a bad header
+                raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
+        template = False
+        tc = path / "tokenizer_config.json"
+        if tc.is_file():
+            try:
+                template = bool(json.loads(tc.read_text()).get("chat_template"))
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{tc} is not valid JSON") from None
+        template = template or (path / "chat_template.jinja").is_file()
+        fmt, arch, ctx, vocab = "Hugging Face folder (safetensors)", config.architecture, config.max_seq_len, config.vocab_size
+    else:
+        s = gguf_tensor_summary(path)
+        if s["config_error"]:
+            raise CheckpointError(s["config_error"])
+        config, n_params, types = s["config"], s["n_params"], s["tensor_types"]
+        fmt, arch, ctx, vocab, template = f"GGUF v{s['version']}", s["architecture"], s["context_length"], s["vocab_size"], s["chat_template"]
+    return {
+        "model": str(path),
+        "format": fmt,
+        "architecture": arch,
+        "parameters": _count(n_params),
+        "tensor types": _types(dict(types)),
+        "context length": str(ctx),
+        "vocabulary": str(vocab),
+        "layers": f"{config.n_layer} × (hidden {config.n_embd}, {config.n_head} heads, {config.n_kv_head} kv heads, "
+                  f"mlp {config.intermediate_size}, {config.mlp})",
+        "positions": f"RoPE (base {config.rope_theta:g})" if config.position == "rope" else "learned",
+        "tied embeddings": "yes" if config.tie_word_embeddings else "no",
+        "chat template": "yes" if template else "no",
+        "size on disk": _count(sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())) + "B",
+    }
