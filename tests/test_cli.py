@@ -1,0 +1,136 @@
+"""The `picochat` command: generate, chat, info, and clear one-line errors for bad input."""
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from picochat import cli, models
+from picochat.config import ModelConfig
+from picochat.engine import Engine, SamplingParams
+from picochat.formats.hf import save_hf_folder
+from picochat.model import GPT
+from picochat.tokenizer import Tokenizer
+
+TEXT = "Hello there! How are you today? I am fine, thank you. 你好，世界。\n" * 30
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random picochat model with a trained tokenizer, saved as a HF folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer.train([TEXT], vocab_size=300)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                         intermediate_size=64, max_seq_len=128, initializer_range=0.2,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    save_hf_folder(GPT(config), folder, tokenizer=tok)
+    return folder
+
+
+def run(argv, capsys, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_prints_the_engines_greedy_text(tiny_dir, capsys):
+    code, out, err = run(["generate", "Hello there", "-m", str(tiny_dir), "--temperature", "0",
+                          "--max-new-tokens", "12", "--dtype", "float32"], capsys)
+    assert code == 0
+    loaded = models.load(str(tiny_dir), dtype=torch.float32)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    ids = loaded.tokenizer.encode("Hello there", add_special_tokens=True)
+    want = engine.complete(ids, SamplingParams(temperature=0, max_new_tokens=12)).text
+    assert out == want + "\n"
+
+
+def test_generate_reads_stdin_and_verbose_reports_speed(tiny_dir, capsys, monkeypatch):
+    code, out, err = run(["generate", "-", "-m", str(tiny_dir), "--chat", "--max-new-tokens", "5", "-v",
+                          "--seed", "1"], capsys, stdin="How are you?", monkeypatch=monkeypatch)
+    assert code == 0
+    assert "tok/s" in err and "first token" in err and "prompt tokens" in err
+
+
+def test_chat_repl_commands_and_turns(tiny_dir, capsys, monkeypatch):
+    script = "\n".join(["/help", "/set temperature 0", "/set top_p 2", "/set", "/system Be brief.",
+                        "Hello!", "How are you?", "/clear", "/bogus", "/exit"]) + "\n"
+    code, out, err = run(["chat", "-m", str(tiny_dir), "--max-new-tokens", "4"], capsys, stdin=script,
+                         monkeypatch=monkeypatch)
+    assert code == 0
+    assert "/system TEXT" in out                       # help
+    assert "[temperature = 0.0]" in out
+    assert "not changed: top_p must be in (0, 1]" in out
+    assert "temperature=0.0" in out                    # /set alone lists the settings
+    assert "[system prompt set; conversation cleared]" in out
+    assert "[conversation cleared]" in out
+    assert "unknown command /bogus" in out
+
+
+def test_chat_ends_cleanly_at_end_of_input(tiny_dir, capsys, monkeypatch):
+    code, _, _ = run(["chat", "-m", str(tiny_dir)], capsys, stdin="", monkeypatch=monkeypatch)
+    assert code == 0
+
+
+def test_chat_history_reaches_the_prompt(tiny_dir, monkeypatch, capsys):
+    seen = []
+    real = Engine.chat_prompt
+    monkeypatch.setattr(Engine, "chat_prompt", lambda self, messages: seen.append(list(messages)) or real(self, messages))
+    run(["chat", "-m", str(tiny_dir), "--max-new-tokens", "3", "--system", "S"], capsys,
+        stdin="first\nsecond\n", monkeypatch=monkeypatch)
+    assert [m["role"] for m in seen[-1]] == ["system", "user", "assistant", "user"]
+    assert seen[-1][1]["content"] == "first" and seen[-1][3]["content"] == "second"
+
+
+def test_info_on_a_folder(tiny_dir, capsys):
+    code, out, _ = run(["info", str(tiny_dir)], capsys)
+    assert code == 0
+    assert "llama" in out and "chat template      yes" in out and "context length     128" in out
+
+
+def test_info_on_the_default_gguf(smollm2_path, capsys):
+    code, out, _ = run(["info", str(smollm2_path)], capsys)
+    assert code == 0
+    assert "210 × Q4_1" in out and "134.5M" in out and "context length     8192" in out
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"", "empty"),
+    (b"PK\x03\x04 not a gguf", "not a GGUF file"),
+    (b"GGUF\x03\x00\x00\x00", "truncated"),
+])
+def test_bad_files_give_one_clear_line(tmp_path, capsys, content, expect):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    code, out, err = run(["generate", "hi", "-m", str(bad)], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("picochat: error:") and str(bad) in err and expect in err
+
+
+def test_bad_folders_give_one_clear_line(tmp_path, capsys, tiny_dir):
+    code, _, err = run(["info", str(tmp_path)], capsys)
+    assert code == 1 and "no config.json" in err
+    (tmp_path / "config.json").write_text("{not json")
+    code, _, err = run(["generate", "x", "-m", str(tmp_path)], capsys)
+    assert code == 1 and "not valid JSON" in err
+    code, _, err = run(["chat", "-m", str(tmp_path / "missing")], capsys)
+    assert code == 1 and "no model at" in err
+
+
+def test_missing_default_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "_installed_file", lambda pkg: None)
+    code, _, err = run(["generate", "hi"], capsys)
+    assert code == 1 and "picochat pull" in err
+
+
+def test_smollm2_answers_paris_through_the_command(smollm2_path):
+    """The default model end to end, as a user runs it (bfloat16, greedy)."""
+    result = subprocess.run([sys.executable, "-m", "picochat.cli", "generate", "--chat", "--temperature", "0",
+                             "-m", str(smollm2_path), "What is the capital of France?"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
