@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the hub
 import torch
@@ -167,10 +168,11 @@ def main():
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    path = find_packaged("smollm2") if args.model is None else __import__("pathlib").Path(args.model)
+    path = find_packaged("smollm2") if args.model is None else Path(args.model)
 
     import transformers
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     tok = load(str(path), dtype=torch.float32).tokenizer  # the same token ids go to every system
     text_ids = tok.encode(PARAGRAPH)
     prompt_ids = (text_ids * (args.prompt_tokens // len(text_ids) + 1))[:args.prompt_tokens]
