@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the hub
+os.environ.setdefault("TQDM_DISABLE", "1")    # transformers' GGUF de-quantizing bar ignores its own switch
 import torch
 
 import picochat
