@@ -66,28 +66,33 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of every layer for positions already seen, so each new token costs one step.
 
-    Preallocated to `max_len` positions; `length` is how many are filled (the same for every row).
+    Preallocated: (batch, n_kv_head, max_len, head_dim) per layer. `lengths[b]` is how many positions
+    row b holds. Rows may differ in length (a server decoding many conversations at once); then each
+    forward step feeds one token per row. `rows(i, j)` is a view of some rows that shares the storage.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device="cpu"):
+    def __init__(self, k: list, v: list, lengths: torch.Tensor):
+        self.k, self.v, self.lengths = k, v, lengths
+        self.max_len = k[0].shape[2]
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch_size: int, max_len: int, dtype, device="cpu") -> "KVCache":
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.max_len = max_len
-        self.length = 0
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        return cls(k, v, torch.zeros(batch_size, dtype=torch.long, device=device))
 
-    def update(self, layer: int, k, v):
-        """Store this step's keys/values at positions [length, length+T); return all keys/values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a cache of their own; writes go to this cache's storage."""
+        return KVCache([t[start:stop] for t in self.k], [t[start:stop] for t in self.v], self.lengths[start:stop])
 
-    def crop(self, length: int):
-        """Forget positions from `length` on (e.g. to reuse a shared prompt prefix)."""
-        self.length = min(self.length, length)
+    @property
+    def length(self) -> int:
+        """Positions held, when every row holds the same number."""
+        n = int(self.lengths[0])
+        if not bool((self.lengths == n).all()):
+            raise ValueError("rows of this KV cache hold different lengths")
+        return n
 
 
 # ----------------------------------------------------------------------------- attention
@@ -101,7 +106,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.out_bias)
 
-    def forward(self, x, rope: tuple | None, cache: KVCache | None):
+    def forward(self, x, rope, cache: KVCache | None, plan: "AttentionPlan"):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -109,23 +114,53 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.update(self.layer, k, v)
-        # Causal mask: query i (at absolute position past+i) sees keys 0..past+i.
-        if T == 1:
-            mask, causal = None, False           # one new token sees every cached key
-        elif past == 0:
-            mask, causal = None, True            # plain prefill: the standard lower triangle
-        else:                                     # a chunk appended after cached positions
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
+        if cache is not None:  # append this step's keys/values, then attend over everything held
+            ck, cv = cache.k[self.layer], cache.v[self.layer]
+            if plan.per_row is None:
+                ck[:, :, plan.start:plan.start + T] = k
+                cv[:, :, plan.start:plan.start + T] = v
+            else:  # one token per row, each at its own position
+                rows = torch.arange(B, device=x.device)
+                ck[rows, :, plan.per_row] = k[:, :, 0]
+                cv[rows, :, plan.per_row] = v[:, :, 0]
+            k, v = ck[:, :, :plan.n_keys], cv[:, :, :plan.n_keys]
         # Attention(Q, K, V) = softmax(Q·Kᵀ / √d_k) · V   (grouped-query: each K/V head serves n_head/n_kv_head Q heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal,
                                            enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
+
+
+class AttentionPlan:
+    """Where this step's keys go in the cache and which keys each query may see (shared by all layers)."""
+
+    def __init__(self, T: int, cache: KVCache | None, device):
+        self.per_row, self.mask, self.causal = None, None, False
+        if cache is None:
+            self.start, self.n_keys, self.causal = 0, T, T > 1
+            return
+        lengths = cache.lengths
+        first = int(lengths[0])
+        if bool((lengths == first).all()):  # every row continues from the same position
+            self.start, self.n_keys = first, first + T
+            if T > 1 and first == 0:
+                self.causal = True               # plain prefill: the standard lower triangle
+            elif T > 1:                          # a chunk after cached positions: query i sees keys ≤ first+i
+                self.mask = torch.ones(T, first + T, dtype=torch.bool, device=device).tril(diagonal=first)
+            # T == 1: the new token sees every cached key, no mask needed
+        else:
+            if T != 1:
+                raise ValueError("rows of different lengths can only be fed one token each")
+            self.per_row = lengths
+            self.start, self.n_keys = None, int(lengths.max()) + 1
+            keys = torch.arange(self.n_keys, device=device)
+            self.mask = (keys[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, keys): own positions only
+
+    def positions(self, B: int, T: int, device) -> torch.Tensor:
+        """(B or 1, T) absolute positions of this step's tokens."""
+        if self.per_row is not None:
+            return self.per_row[:, None]
+        return torch.arange(self.start, self.start + T, device=device)[None, :]
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -157,8 +192,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, cache):
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+    def forward(self, x, rope, cache, plan):
+        x = x + self.attn(self.attn_norm(x), rope, cache, plan)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -199,24 +234,29 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         dtype = self.embed.weight.dtype
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, dtype, self.embed.weight.device)
+        return KVCache.allocate(self.config, batch_size, max_len or self.config.max_seq_len, dtype,
+                                self.embed.weight.device)
 
     def rope_cos_sin(self, positions: torch.Tensor, dtype):
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2): position·θ_i
-        emb = torch.cat((freqs, freqs), dim=-1)
+        """cos and sin of position·θ_i, shaped (B or 1, 1, T, head_dim) to broadcast over heads."""
+        freqs = positions.float()[..., None] * self.inv_freq  # (B, T, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, last_only: bool = False):
         """idx (B, T) token ids -> (logits, loss).
 
         targets (B, T) gives the next-token loss (positions marked -100 are ignored).
-        kv_cache continues from the positions it holds; last_only returns logits of the last position only.
+        kv_cache continues each row from the positions it holds; last_only returns logits of the last
+        position only.
         """
         B, T = idx.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {past + T} tokens exceeds the context length {self.config.max_seq_len}")
-        positions = torch.arange(past, past + T, device=idx.device)
+        plan = AttentionPlan(T, kv_cache, idx.device)
+        if plan.n_keys > self.config.max_seq_len:
+            raise ValueError(f"sequence of {plan.n_keys} tokens exceeds the context length {self.config.max_seq_len}")
+        if kv_cache is not None and plan.n_keys > kv_cache.max_len:
+            raise ValueError(f"KV cache is full: {plan.n_keys} positions needed, {kv_cache.max_len} allocated")
+        positions = plan.positions(B, T, idx.device)
         x = self.embed(idx)
         rope = None
         if self.config.position == "learned":
@@ -224,9 +264,9 @@ class GPT(nn.Module):
         else:
             rope = self.rope_cos_sin(positions, x.dtype)
         for block in self.layers:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, plan)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.lengths += T
         x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]

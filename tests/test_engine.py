@@ -57,7 +57,7 @@ class ScriptedModel(torch.nn.Module):
     def forward(self, idx, kv_cache=None, last_only=False):
         if kv_cache.length == 0:
             self.prompt_len = idx.shape[1]
-        kv_cache.length += idx.shape[1]
+        kv_cache.lengths += idx.shape[1]
         logits = torch.zeros(1, 1, self.config.vocab_size)
         logits[0, 0, self.script[kv_cache.length - self.prompt_len]] = 1.0
         return logits, None

@@ -99,3 +99,22 @@ def test_context_overflow_is_a_clear_error():
     model = GPT(config)
     with pytest.raises(ValueError, match="exceeds the context length 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_rows_of_different_lengths_decode_together(pair):
+    """A server's batch: each row prefilled on its own, then one forward step for all rows at once."""
+    arch, ref, ours, _ = pair
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 97, (n,), generator=g) for n in (5, 11, 8)]
+    steps = torch.randint(0, 97, (len(seqs), 4), generator=g)  # the next 4 tokens of each row
+    cache = ours.new_kv_cache(batch_size=3, max_len=32)
+    for i, s in enumerate(seqs):
+        ours(s[None], kv_cache=cache.rows(i, i + 1))
+    assert cache.lengths.tolist() == [5, 11, 8]
+    batched = [ours(steps[:, t:t + 1], kv_cache=cache)[0][:, 0] for t in range(4)]  # (3, vocab) each
+    for i, s in enumerate(seqs):
+        full = torch.cat([s, steps[i]])[None]
+        expected = ref(full).logits[0, len(s):]
+        got = torch.stack([b[i] for b in batched])
+        assert (got - expected).abs().max().item() <= 1e-4
