@@ -1,12 +1,17 @@
 """The generation engine: prompt ids -> prefill -> decode steps with a KV cache -> streamed text.
 
-Everything that generates (the chat REPL, `generate`, the server, the evals) goes through
-`Engine.generate`, so sampling, stop rules and speed measurements live in one place.
+Everything that generates (the chat REPL, `generate`, the server, the evals) goes through this
+module: `Engine.generate` runs one sequence, `Batcher` runs many at once (one forward pass decodes a
+token for every active sequence). Both drive the same per-sequence `Generation`, so sampling, stop
+rules, logprobs and speed measurements live in one place.
 """
 from __future__ import annotations
 
+import collections
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -25,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)   # stop strings (not included in the output)
     stop_token_ids: list[int] | None = None         # default: the tokenizer's end-of-turn tokens
+    logprobs: int | None = None                     # record each token's log-probability and this many alternatives
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -37,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
 
 
 @dataclass
@@ -81,18 +89,104 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]        # the most likely alternatives, best first
+
+
+def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    """log p(token) under the model's raw distribution (before temperature and truncation)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = []
+    if top_n:
+        values, ids = torch.topk(logp, top_n)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logp[token]), top)
+
+
 class Generation:
-    """One streaming generation. Iterate to get text pieces; afterwards read text, finish_reason, stats."""
+    """One generation: iterate to stream text pieces; afterwards read text, token_ids, finish_reason, stats.
+
+    It also holds the per-sequence decoding state (sampler, stop rules, streaming detokenizer) that
+    both Engine and Batcher drive one token at a time through `_accept`.
+    """
 
     def __init__(self, engine: "Engine", prompt_ids: list[int], params: SamplingParams):
         self.engine, self.prompt_ids, self.params = engine, list(prompt_ids), params
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []   # filled when params.logprobs is not None
         self.text = ""
         self.finish_reason: str | None = None   # "stop" (end of turn or stop string) or "length"
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.done = False
+        self.max_new = min(params.max_new_tokens, engine.context_length - len(prompt_ids))
+        self._stop_ids = set(engine.tokenizer.end_of_turn_ids if params.stop_token_ids is None else params.stop_token_ids)
+        self._generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self._context = torch.tensor(prompt_ids, dtype=torch.long) if params.repetition_penalty != 1.0 else None
+        self._decoder = StreamDecoder(engine.tokenizer)
+        self._pending = ""  # decoded text held back because it may be the start of a stop string
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._stopped_by_string = False
+        self._start = self._first_token_at = None
+        self.last_token: int | None = None
 
     def __iter__(self):
         yield from self.engine._run(self)
+
+    def _begin(self):
+        self._start = time.perf_counter()
+
+    def _accept(self, logits: torch.Tensor) -> str:
+        """Sample the next token from a (vocab,) row of logits and apply the stop rules; return new text."""
+        token = sample_next(logits, self.params, self._generator, self._context)
+        now = time.perf_counter()
+        if self._first_token_at is None:
+            self._first_token_at = now
+            self.stats.time_to_first_token = now - self._start
+        else:
+            self.stats.decode_steps += 1
+        self.last_token = token
+        if token in self._stop_ids:
+            self.finish_reason, self.done = "stop", True
+            return ""
+        if self.params.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self.params.logprobs))
+        self.token_ids.append(token)
+        self.stats.completion_tokens = len(self.token_ids)
+        if self._context is not None:
+            self._context = torch.cat([self._context, torch.tensor([token])])
+        if len(self.token_ids) >= self.max_new:
+            self.finish_reason, self.done = "length", True
+        self._pending += self._decoder.push(token)
+        if (hit := _find_stop(self._pending, self.params.stop)) is not None:
+            self._pending, self.finish_reason, self.done = self._pending[:hit], "stop", True
+            self._stopped_by_string = True
+            return ""
+        emit = self._pending[:len(self._pending) - self._holdback]
+        self._pending = self._pending[len(emit):]
+        self.text += emit
+        return emit
+
+    def _finish(self) -> str:
+        """The held-back tail of the text once generation has ended (it may still hold a stop string)."""
+        if not self._stopped_by_string:
+            self._pending += self._decoder.flush()
+            if (hit := _find_stop(self._pending, self.params.stop)) is not None:
+                self._pending, self.finish_reason = self._pending[:hit], "stop"
+        tail, self._pending = self._pending, ""
+        self.text += tail
+        self.done = True
+        return tail
+
+    def _close(self):
+        if self._start is None:  # never started (cancelled while waiting)
+            return
+        end = time.perf_counter()
+        self.stats.total_seconds = end - self._start
+        if self._first_token_at is not None:
+            self.stats.decode_seconds = end - self._first_token_at
 
 
 class Engine:
@@ -128,57 +222,166 @@ class Engine:
         return gen
 
     @torch.inference_mode()
+    def prompt_logprobs(self, prompt_ids: list[int], top_n: int = 0) -> list[TokenLogprob | None]:
+        """log p(token_i | tokens before i) for every prompt token (None for the first, which has no context)."""
+        logits, _ = self.model(torch.tensor([prompt_ids]))
+        return [None] + [token_logprob(logits[0, i - 1], prompt_ids[i], top_n) for i in range(1, len(prompt_ids))]
+
+    @torch.inference_mode()
     def _run(self, gen: Generation):
-        params, model, stats, start = gen.params, self.model, gen.stats, time.perf_counter()
-        stop_ids = set(self.tokenizer.end_of_turn_ids if params.stop_token_ids is None else params.stop_token_ids)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        max_new = min(params.max_new_tokens, self.context_length - len(gen.prompt_ids))
-        cache = model.new_kv_cache(1, len(gen.prompt_ids) + max_new)
-        penalize = params.repetition_penalty != 1.0
-        context = torch.tensor(gen.prompt_ids, dtype=torch.long)
-        decoder = StreamDecoder(self.tokenizer)
-        pending = ""  # decoded text held back because it may be the start of a stop string
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        x, first_token_at, stopped_by_string = context[None, :], None, False
-        gen.finish_reason = "length"
+        gen._begin()
+        cache = self.model.new_kv_cache(1, len(gen.prompt_ids) + gen.max_new)
+        x = torch.tensor([gen.prompt_ids])
         try:
-            for step in range(max_new):
-                logits, _ = model(x, kv_cache=cache, last_only=True)
-                token = sample_next(logits[0, -1], params, generator, context if penalize else None)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                    stats.time_to_first_token = first_token_at - start
-                else:
-                    stats.decode_steps = step
-                if token in stop_ids:
-                    gen.finish_reason = "stop"
-                    break
-                gen.token_ids.append(token)
-                stats.completion_tokens = len(gen.token_ids)
-                if penalize:
-                    context = torch.cat([context, torch.tensor([token])])
-                pending += decoder.push(token)
-                if (hit := _find_stop(pending, params.stop)) is not None:
-                    pending, gen.finish_reason, stopped_by_string = pending[:hit], "stop", True
-                    break
-                emit = pending[:len(pending) - holdback]
-                if emit:
-                    pending = pending[len(emit):]
-                    gen.text += emit
-                    yield emit
-                x = torch.tensor([[token]])
-            if not stopped_by_string:  # release the held-back tail (it may still hold a stop string)
-                pending += decoder.flush()
-                if (hit := _find_stop(pending, params.stop)) is not None:
-                    pending, gen.finish_reason = pending[:hit], "stop"
-            if pending:
-                gen.text += pending
-                yield pending
+            while not gen.done:
+                logits, _ = self.model(x, kv_cache=cache, last_only=True)
+                piece = gen._accept(logits[0, -1])
+                if piece:
+                    yield piece
+                x = torch.tensor([[gen.last_token]])
+            tail = gen._finish()
+            if tail:
+                yield tail
         finally:
-            end = time.perf_counter()
-            stats.total_seconds = end - start
-            if first_token_at is not None:
-                stats.decode_seconds = end - first_token_at
+            gen._close()
+
+
+class QueueFull(RuntimeError):
+    """The batcher's waiting queue is at its limit; try again later."""
+
+
+@dataclass
+class _Request:
+    gen: Generation
+    on_event: Callable[[str | None], None]   # called with each text piece, then None when finished
+    cancelled: bool = False
+
+
+class Batcher:
+    """Runs many generations at once on a background thread (continuous batching).
+
+    A new request is prefilled on its own into a free row of a shared KV cache; then every step does one
+    forward pass that decodes a token for each active row. A finished or cancelled row is freed at once
+    and the last active row moves into its place, so the active rows are always 0..n-1.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.max_len = min(max_len or engine.context_length, engine.context_length)
+        self.cache = engine.model.new_kv_cache(max_batch, self.max_len)
+        self.active: list[_Request] = []
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.wake = threading.Condition()
+        self.tokens_generated = 0  # decoded tokens, all requests together
+        self.decode_steps = 0      # batched forward passes
+        self._thread = threading.Thread(target=self._loop, name="picochat-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               on_event: Callable[[str | None], None]) -> _Request:
+        """Queue a generation. on_event(piece) is called from the batcher thread; on_event(None) at the end.
+
+        Raises ValueError for a bad request and QueueFull when the queue is at its limit.
+        """
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.max_len}")
+        gen = Generation(self.engine, prompt_ids, params)
+        gen.max_new = min(gen.max_new, self.max_len - len(prompt_ids))
+        request = _Request(gen, on_event)
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self.waiting.append(request)
+            self.wake.notify()
+        return request
+
+    def cancel(self, request: _Request):
+        """Stop a generation (e.g. its client went away); its row is freed at the next step."""
+        request.cancelled = True
+
+    # ------------------------------------------------------------------ the batcher thread
+    def _loop(self):
+        while True:
+            with self.wake:
+                while not self.waiting and not self.active:
+                    self.wake.wait()
+            try:
+                self._admit()
+                if self.active:
+                    self._decode_step()
+            except Exception as e:  # never let one bad step kill the thread: fail the requests in flight
+                for r in self.active + list(self.waiting):
+                    r.gen.finish_reason = f"error: {e}"
+                    self._end(r)
+                self.active.clear()
+                self.waiting.clear()
+                self.cache.lengths.zero_()
+
+    @torch.inference_mode()
+    def _admit(self):
+        while len(self.active) < self.max_batch:
+            with self.wake:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            if request.cancelled:
+                request.gen._begin()
+                self._end(request)
+                continue
+            row = len(self.active)
+            gen = request.gen
+            gen._begin()
+            self.cache.lengths[row] = 0
+            logits, _ = self.engine.model(torch.tensor([gen.prompt_ids]), kv_cache=self.cache.rows(row, row + 1),
+                                          last_only=True)
+            self._emit(request, gen._accept(logits[0, -1]))
+            if gen.done:
+                self._end(request)
+            else:
+                self.active.append(request)
+
+    @torch.inference_mode()
+    def _decode_step(self):
+        n = len(self.active)
+        x = torch.tensor([[r.gen.last_token] for r in self.active])
+        logits, _ = self.engine.model(x, kv_cache=self.cache.rows(0, n), last_only=True)
+        for i, request in enumerate(self.active):
+            self._emit(request, request.gen._accept(logits[i, -1]))
+        self.tokens_generated += n
+        self.decode_steps += 1
+        for i in reversed(range(n)):  # free finished rows, moving the last active row into the gap
+            request = self.active[i]
+            if request.gen.done or request.cancelled:
+                last = len(self.active) - 1
+                if i != last:
+                    self._move_row(last, i)
+                    self.active[i] = self.active[last]
+                self.active.pop()
+                self._end(request)
+
+    def _move_row(self, src: int, dst: int):
+        length = int(self.cache.lengths[src])
+        for t in (*self.cache.k, *self.cache.v):
+            t[dst, :, :length] = t[src, :, :length]
+        self.cache.lengths[dst] = length
+
+    def _emit(self, request: _Request, piece: str):
+        if piece and not request.cancelled:
+            request.on_event(piece)
+
+    def _end(self, request: _Request):
+        tail = request.gen._finish() if not request.cancelled else ""
+        request.gen._close()
+        if tail:
+            request.on_event(tail)
+        request.on_event(None)
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

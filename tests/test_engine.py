@@ -151,3 +151,64 @@ def test_bad_requests_are_clear_errors(engine):
         engine.generate([1], SamplingParams(top_p=0))
     with pytest.raises(ValueError, match="temperature"):
         engine.generate([1], SamplingParams(temperature=-1))
+
+
+# ----------------------------------------------------------------------------- the batcher
+import queue  # noqa: E402
+import threading  # noqa: E402
+
+from picochat.engine import Batcher, QueueFull  # noqa: E402
+
+
+def collect(batcher, ids, params):
+    """Submit and return (pieces, generation) once finished."""
+    events, done = [], threading.Event()
+
+    def on_event(piece):
+        if piece is None:
+            done.set()
+        else:
+            events.append(piece)
+    request = batcher.submit(ids, params, on_event)
+    return events, done, request
+
+
+def test_batched_generations_equal_one_at_a_time(engine):
+    prompts = ["The quick", "自注意力", "def f(x):", "lazy dog. The quick brown", "fox", "x"]
+    params = [greedy(max_new_tokens=n) for n in (12, 20, 5, 16, 9, 14)]
+    params[1] = SamplingParams(temperature=0.9, seed=5, max_new_tokens=20, stop_token_ids=[])
+    batcher = Batcher(engine, max_batch=3)
+    runs = [collect(batcher, engine.tokenizer.encode(p), sp) for p, sp in zip(prompts, params)]
+    for (events, done, request), p, sp in zip(runs, prompts, params):
+        assert done.wait(60)
+        want = engine.complete(engine.tokenizer.encode(p), sp)
+        assert request.gen.token_ids == want.token_ids
+        assert "".join(events) == request.gen.text == want.text
+        assert request.gen.finish_reason == want.finish_reason
+    assert batcher.tokens_generated > batcher.decode_steps  # some steps decoded several rows at once
+
+
+def test_cancel_frees_the_row_and_ends_the_stream(engine):
+    batcher = Batcher(engine, max_batch=1)
+    ids = engine.tokenizer.encode("The quick")
+    long_events, long_done, long_req = collect(batcher, ids, greedy(max_new_tokens=80))
+    batcher.cancel(long_req)
+    assert long_done.wait(30)
+    assert long_req.gen.stats.completion_tokens < 80
+    events, done, req = collect(batcher, ids, greedy(max_new_tokens=5))
+    assert done.wait(30) and req.gen.stats.completion_tokens == 5
+
+
+def test_full_queue_and_bad_requests_are_refused(engine):
+    batcher = Batcher(engine, max_batch=1, max_queue=1, max_len=64)
+    with pytest.raises(ValueError, match="context is 64"):
+        batcher.submit(list(range(70)), greedy(), lambda e: None)
+    gate = threading.Event()
+    blocker = queue.Queue()
+    # occupy the only row and the only queue place, then the next submit is refused
+    batcher.submit(engine.tokenizer.encode("x"), greedy(max_new_tokens=60),
+                   lambda e: gate.wait(10) if e is not None else blocker.put(1))
+    with pytest.raises(QueueFull):
+        for _ in range(3):
+            batcher.submit(engine.tokenizer.encode("y"), greedy(max_new_tokens=2), lambda e: None)
+    gate.set()
