@@ -253,7 +253,7 @@ class QueueFull(RuntimeError):
 @dataclass
 class _Request:
     gen: Generation
-    on_event: Callable[[str | None], None]   # called with each text piece, then None when finished
+    on_event: Callable[[Generation, str | None], None]   # (generation, text piece), then (generation, None) at the end
     cancelled: bool = False
 
 
@@ -274,6 +274,7 @@ class Batcher:
         self.wake = threading.Condition()
         self.tokens_generated = 0  # decoded tokens, all requests together
         self.decode_steps = 0      # batched forward passes
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="picochat-batcher", daemon=True)
         self._thread.start()
 
@@ -282,8 +283,9 @@ class Batcher:
         return len(self.waiting)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               on_event: Callable[[str | None], None]) -> _Request:
-        """Queue a generation. on_event(piece) is called from the batcher thread; on_event(None) at the end.
+               on_event: Callable[[Generation, str | None], None]) -> _Request:
+        """Queue a generation. on_event(gen, piece) is called from the batcher thread for each text piece,
+        and on_event(gen, None) when it has finished (gen then holds the text, finish_reason and stats).
 
         Raises ValueError for a bad request and QueueFull when the queue is at its limit.
         """
@@ -307,11 +309,25 @@ class Batcher:
         request.cancelled = True
 
     # ------------------------------------------------------------------ the batcher thread
+    def close(self):
+        """Stop the batcher thread after the current step; requests still in flight end at once."""
+        with self.wake:
+            self._closed = True
+            self.wake.notify()
+        self._thread.join(timeout=30)
+        for r in self.active + list(self.waiting):
+            r.cancelled = True
+            self._end(r)
+        self.active.clear()
+        self.waiting.clear()
+
     def _loop(self):
         while True:
             with self.wake:
-                while not self.waiting and not self.active:
+                while not self.waiting and not self.active and not self._closed:
                     self.wake.wait()
+                if self._closed:
+                    return
             try:
                 self._admit()
                 if self.active:
@@ -374,14 +390,14 @@ class Batcher:
 
     def _emit(self, request: _Request, piece: str):
         if piece and not request.cancelled:
-            request.on_event(piece)
+            request.on_event(request.gen, piece)
 
     def _end(self, request: _Request):
         tail = request.gen._finish() if not request.cancelled else ""
         request.gen._close()
         if tail:
-            request.on_event(tail)
-        request.on_event(None)
+            request.on_event(request.gen, tail)
+        request.on_event(request.gen, None)
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

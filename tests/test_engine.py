@@ -164,7 +164,7 @@ def collect(batcher, ids, params):
     """Submit and return (pieces, generation) once finished."""
     events, done = [], threading.Event()
 
-    def on_event(piece):
+    def on_event(gen, piece):
         if piece is None:
             done.set()
         else:
@@ -186,6 +186,7 @@ def test_batched_generations_equal_one_at_a_time(engine):
         assert "".join(events) == request.gen.text == want.text
         assert request.gen.finish_reason == want.finish_reason
     assert batcher.tokens_generated > batcher.decode_steps  # some steps decoded several rows at once
+    batcher.close()
 
 
 def test_cancel_frees_the_row_and_ends_the_stream(engine):
@@ -197,18 +198,20 @@ def test_cancel_frees_the_row_and_ends_the_stream(engine):
     assert long_req.gen.stats.completion_tokens < 80
     events, done, req = collect(batcher, ids, greedy(max_new_tokens=5))
     assert done.wait(30) and req.gen.stats.completion_tokens == 5
+    batcher.close()
 
 
 def test_full_queue_and_bad_requests_are_refused(engine):
     batcher = Batcher(engine, max_batch=1, max_queue=1, max_len=64)
     with pytest.raises(ValueError, match="context is 64"):
-        batcher.submit(list(range(70)), greedy(), lambda e: None)
+        batcher.submit(list(range(70)), greedy(), lambda g, e: None)
     gate = threading.Event()
     blocker = queue.Queue()
     # occupy the only row and the only queue place, then the next submit is refused
     batcher.submit(engine.tokenizer.encode("x"), greedy(max_new_tokens=60),
-                   lambda e: gate.wait(10) if e is not None else blocker.put(1))
+                   lambda g, e: gate.wait(10) if e is not None else blocker.put(1))
     with pytest.raises(QueueFull):
         for _ in range(3):
-            batcher.submit(engine.tokenizer.encode("y"), greedy(max_new_tokens=2), lambda e: None)
+            batcher.submit(engine.tokenizer.encode("y"), greedy(max_new_tokens=2), lambda g, e: None)
     gate.set()
+    batcher.close()
