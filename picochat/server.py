@@ -356,12 +356,16 @@ def create_app(load_engine, model_id: str, api_key: str | None = None, max_batch
         async def sse():
             yield _sse(chunk({"role": "assistant", "content": ""}))
             sent = 0  # logprobs of tokens already sent
-            async for piece, n in pieces:
-                lp = None
-                if want_logprobs:
-                    lp = {"content": [logprob_entry(x, top_n) for x in gen.logprobs[sent:n]]}
-                    sent = n
-                yield _sse(chunk({"content": piece}, logprobs=lp))
+            try:
+                async for piece, n in pieces:
+                    lp = None
+                    if want_logprobs:
+                        lp = {"content": [logprob_entry(x, top_n) for x in gen.logprobs[sent:n]]}
+                        sent = n
+                    yield _sse(chunk({"content": piece}, logprobs=lp))
+            except APIError as e:  # the status line is already sent: report the error in the stream
+                yield _sse(json.loads(e.response().body))
+                return
             yield _sse(chunk({}, finish=gen.finish_reason))
             if include_usage:
                 yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -420,8 +424,12 @@ def create_app(load_engine, model_id: str, api_key: str | None = None, max_batch
                         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
             async def sse():
-                async for piece, _ in pieces:
-                    yield _sse(chunk(piece))
+                try:
+                    async for piece, _ in pieces:
+                        yield _sse(chunk(piece))
+                except APIError as e:  # the status line is already sent: report the error in the stream
+                    yield _sse(json.loads(e.response().body))
+                    return
                 yield _sse(chunk("", gen.finish_reason))
                 if include_usage:
                     yield _sse({"id": rid, "object": "text_completion", "created": created,
