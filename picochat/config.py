@@ -135,8 +135,22 @@ class ModelConfig:
         return hf
 
 
-# Presets for models picochat trains itself (the training issue adds more).
+# Presets for models picochat trains itself; train.TRAIN_PRESETS holds the matching training settings.
+# vocab_size is a placeholder: training takes it from the dataset's tokenizer.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                         intermediate_size=192, max_seq_len=128),
+    # ~10 minutes on 2 CPU cores (Llama-style: RMSNorm, SwiGLU, RoPE, tied head)
+    "demo": ModelConfig(vocab_size=8192, n_layer=4, n_head=4, n_kv_head=4, n_embd=256,
+                        intermediate_size=768, max_seq_len=256),
+    # ~1 hour on 2 CPU cores
+    "small": ModelConfig(vocab_size=8192, n_layer=6, n_head=6, n_kv_head=6, n_embd=384,
+                         intermediate_size=1024, max_seq_len=512),
+    # GPT-2 small, GPT-2's own architecture (LayerNorm, GELU, learned positions, biases, tied head)
+    "gpt2-124m": ModelConfig(architecture="gpt2", vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12,
+                             n_embd=768, intermediate_size=3072, max_seq_len=1024, norm="layernorm", mlp="gelu",
+                             position="learned", qkv_bias=True, out_bias=True, mlp_bias=True),
+    # nanochat's depth-20 model: width 64·depth, 128-wide heads, untied head; SwiGLU sized to its MLP's params
+    "d20": ModelConfig(vocab_size=65536, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280,
+                       intermediate_size=3456, max_seq_len=2048, tie_word_embeddings=False),
 }

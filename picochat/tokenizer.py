@@ -437,6 +437,32 @@ class Tokenizer:
         """The vocabulary's spelling of a token id, or None if out of range."""
         return self.backend.id_to_token(token_id)
 
+    def token_byte_lengths(self):
+        """np.ndarray (vocab_size,) int64: how many UTF-8 bytes each token id stands for; special tokens 0.
+
+        Used for bits per byte, a loss that does not depend on the vocabulary. A byte-level BPE token
+        is spelled one character per byte (GPT-2's alphabet), so its length is its spelling's length;
+        decoding it alone could give U+FFFD for a token that holds part of a multi-byte character.
+        """
+        import numpy as np  # local: the rest of the tokenizer has no use for numpy
+
+        byte_alphabet = set(bytes_to_unicode().values())
+        byte_level = isinstance(self.backend.decoder, decoders.ByteLevel)
+        added = self.backend.get_added_tokens_decoder()
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if i in added:  # special tokens are 0; user-defined ones (<think>) are their text
+                lengths[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+                continue
+            token = self.backend.id_to_token(i)
+            if token is None:
+                continue
+            if byte_level and set(token) <= byte_alphabet:
+                lengths[i] = len(token)
+            else:
+                lengths[i] = len(self.backend.decode([i], skip_special_tokens=False).encode("utf-8"))
+        return lengths
+
     @property
     def bos_token_id(self) -> int | None:
         return None if self.bos_token is None else self.token_to_id(self.bos_token)
