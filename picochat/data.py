@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import re
@@ -38,6 +39,14 @@ class DataError(ValueError):
     """A dataset folder or corpus that cannot be used; the message names the file and the problem."""
 
 
+def _coprime_stride(n: int) -> int:
+    """A large step that is coprime to n, so g -> g·stride mod n visits every window once per epoch."""
+    stride = int(n * 0.6180339887) | 1  # near n/φ: neighbouring g land far apart
+    while math.gcd(stride, n) != 1:
+        stride += 2
+    return stride % n or 1
+
+
 def read_meta(data_dir) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
@@ -52,12 +61,15 @@ def read_meta(data_dir) -> dict:
 
 
 class TokenStream:
-    """Batches of consecutive tokens from one split, in a fixed order, resumable exactly.
+    """Batches of seq_len-token windows from one split, in a fixed shuffled order, resumable exactly.
 
-    The split's shards are one virtual array. A global step takes world_size × batch_size windows of
-    seq_len + 1 tokens, one after another; rank r reads rows [r·batch_size, (r+1)·batch_size) of them,
-    so N processes together read exactly what one process with N× the batch reads. At the end of the
-    split it wraps around (epoch + 1). `state_dict()` / `load_state_dict()` capture the position.
+    The split's shards are one virtual array cut into windows of seq_len tokens (plus the one token
+    after, for the targets). Window g of the run is window perm(g) of the split, where perm is a fixed
+    affine permutation — so a batch mixes text from all over the corpus (consecutive windows of one long
+    document would make every batch nearly one document) without storing an index. A global step takes
+    world_size × batch_size windows; rank r gets rows [r·batch_size, (r+1)·batch_size), so N processes
+    together read exactly what one process with N× the batch reads. After every window has been used
+    the next epoch starts. `state_dict()` / `load_state_dict()` capture the position.
     """
 
     def __init__(self, data_dir, split: str, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
@@ -70,17 +82,19 @@ class TokenStream:
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         self.n_tokens = int(self.offsets[-1])
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.step_tokens = world_size * batch_size * seq_len
-        if self.n_tokens < self.step_tokens + 1:
+        self.step_windows = world_size * batch_size
+        self.n_windows = (self.n_tokens - 1) // seq_len
+        if self.n_windows < self.step_windows:
             raise DataError(f"the '{split}' split of {data_dir} has {self.n_tokens:,} tokens, fewer than one step "
                             f"needs ({world_size} × {batch_size} × {seq_len} + 1): use a smaller batch or more data")
-        self.position, self.epoch = 0, 0
+        self.stride = _coprime_stride(self.n_windows)
+        self.position, self.epoch = 0, 0   # windows consumed in this epoch (all ranks together)
 
     def _read(self, start: int, length: int) -> np.ndarray:
-        """`length` tokens from virtual position `start` (wrapping around the end of the split)."""
+        """`length` tokens from virtual position `start` (which may span shards)."""
         out, filled = np.empty(length, dtype=np.int64), 0
         while filled < length:
-            pos = (start + filled) % self.n_tokens
+            pos = start + filled
             shard = int(np.searchsorted(self.offsets, pos, side="right") - 1)
             local = pos - self.offsets[shard]
             take = min(length - filled, len(self.shards[shard]) - local)
@@ -88,14 +102,17 @@ class TokenStream:
             filled += take
         return out
 
+    def window(self, g: int) -> int:
+        """Which window of the split the g-th window of an epoch is."""
+        return (g * self.stride + self.epoch) % self.n_windows
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each (batch_size, seq_len) int64; y is x shifted by one token."""
-        T = self.seq_len
-        start = self.position + self.rank * self.batch_size * T
-        rows = [self._read(start + i * T, T + 1) for i in range(self.batch_size)]
+        T, first = self.seq_len, self.position + self.rank * self.batch_size
+        rows = [self._read(self.window(first + i) * T, T + 1) for i in range(self.batch_size)]
         buf = torch.from_numpy(np.stack(rows))
-        self.position += self.step_tokens
-        if self.position + self.step_tokens + 1 > self.n_tokens:  # the next step would wrap: start a new epoch
+        self.position += self.step_windows
+        if self.position + self.step_windows > self.n_windows:  # the next step would repeat windows
             self.position, self.epoch = 0, self.epoch + 1
         return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 

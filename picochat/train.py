@@ -639,7 +639,7 @@ def train(config: TrainConfig, model_config: ModelConfig, resume=None,
     same dicts metrics.jsonl gets: step, loss, lr, tokens/s, elapsed, and val_loss, val_bpb, sample
     when those were computed). stream(data_dir, split, batch_size, seq_len, rank, world_size) gives the
     batches (TokenStream's interface: next_batch() -> (x, y) with -100 for targets to ignore,
-    state_dict(), load_state_dict(), n_tokens, step_tokens). Bad input raises before anything is written.
+    state_dict(), load_state_dict(), n_windows, step_windows). Bad input raises before anything is written.
     """
     # Check everything that can be checked before a file is written or a process group joined.
     validate(config)
@@ -695,7 +695,7 @@ def _run(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, c
     val_data = None  # a dataset without a val split trains without validation
     if "val" in read_meta(data_dir)["splits"]:
         val_data = stream(data_dir, "val", B, T, info.rank, info.world_size)
-        n_eval = min(config.eval_batches, val_data.n_tokens // val_data.step_tokens)
+        n_eval = min(config.eval_batches, val_data.n_windows // val_data.step_windows)
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
     token_bytes = torch.cat([token_bytes, torch.zeros(model_config.vocab_size - len(token_bytes),
                                                       dtype=torch.int64)]).to(info.device)

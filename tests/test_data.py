@@ -167,10 +167,14 @@ def test_token_stream_reads_batches_from_a_prepared_folder(tmp_path):
     stream = TokenStream(out, "train", batch_size=2, seq_len=16)
     x, y = stream.next_batch()
     assert x.shape == y.shape == (2, 16)
-    assert x[0, 0].item() == 0  # the split starts with a document boundary
+    assert x[0, 0].item() == 0  # window 0 comes first, and the split starts with a document boundary
     assert (x[:, 1:] == y[:, :-1]).all()
     ids = np.concatenate([np.fromfile(out / n, dtype=np.uint16) for n in read_meta(out)["splits"]["train"]["shards"]])
-    assert x[1].tolist() == ids[16:32].tolist() and y[1].tolist() == ids[17:33].tolist()
+    w = stream.window(1)  # the second row is another window, away from the first
+    assert w != 1
+    assert x[1].tolist() == ids[16 * w:16 * w + 16].tolist() and y[1].tolist() == ids[16 * w + 1:16 * w + 17].tolist()
+    # one epoch visits every window exactly once
+    assert sorted(stream.window(g) for g in range(stream.n_windows)) == list(range(stream.n_windows))
 
 
 # ----------------------------------------------------------------------------- named sources
