@@ -117,6 +117,11 @@ def resolve(model: str | None) -> Path:
     if not path.exists():
         raise ModelNotFound(f"no model at {path}: give a Hugging Face folder (with config.json), a .gguf file, "
                             f"or a packaged model name ({', '.join(PACKAGED)})")
+    latest = path / "latest"
+    if path.is_dir() and not (path / "config.json").exists() and latest.is_file():
+        checkpoint = path / latest.read_text().strip()  # a training run's folder: its newest checkpoint
+        if checkpoint.is_dir():
+            return checkpoint
     return path
 
 

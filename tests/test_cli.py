@@ -134,3 +134,13 @@ def test_smollm2_answers_paris_through_the_command(smollm2_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_a_training_run_folder_opens_its_newest_checkpoint(tiny_dir, tmp_path, capsys):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_dir, run_dir / "step_000010")
+    (run_dir / "latest").write_text("step_000010\n")
+    assert models.resolve(str(run_dir)) == run_dir / "step_000010"
+    code, out, _ = run(["info", str(run_dir)], capsys)
+    assert code == 0 and "step_000010" in out
