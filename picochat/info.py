@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 from safetensors import safe_open
@@ -22,6 +23,20 @@ def _types(counts: dict) -> str:
 def describe(model: str | None) -> dict[str, str]:
     """A few human-readable facts about a model: architecture, size, tensor types, context, chat template."""
     path = models.resolve(model)
+    from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_folder
+    if is_adapter_folder(path):  # a LoRA adapter: the base it names, and the adapter's shape
+        try:
+            cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+            with safe_open(path / ADAPTER_WEIGHTS, "pt") as sf:
+                n = sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys())
+        except Exception as e:  # bad JSON, a missing or unreadable safetensors file
+            raise CheckpointError(f"{path} is not a readable LoRA adapter ({e})") from None
+        targets = cfg.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else targets
+        return {"adapter": str(path),
+                "adapter type": f"LoRA r={cfg.get('r')}, alpha={cfg.get('lora_alpha')} on {', '.join(targets)} "
+                                f"({_count(n)} parameters)",
+                **describe(models.adapter_base(path))}
     if path.is_dir():
         config = read_config(path)
         types, n_params = Counter(), 0

@@ -156,17 +156,50 @@ def build_model(config: ModelConfig, state_dict: dict, dtype=torch.float32, sour
     return model.eval()
 
 
-def load(model: str | None = None, dtype=torch.bfloat16) -> LoadedModel:
-    """Load a model and its tokenizer from a -m argument (see `resolve`)."""
+def load(model: str | None = None, dtype=torch.bfloat16, adapter=None) -> LoadedModel:
+    """Load a model and its tokenizer from a -m argument (see `resolve`).
+
+    adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to fold
+    into the base model's weights. A -m pointing at an adapter folder (or none, with an adapter) loads the
+    base the adapter names (base_model_name_or_path: a path, relative to the adapter folder or not, or a
+    packaged name).
+    """
+    from . import lora
+    if adapter is not None:
+        adapter = resolve(str(adapter))  # an adapter folder, or a LoRA run's folder (its latest checkpoint)
+        if not lora.is_adapter_folder(adapter):
+            raise ModelNotFound(f"{adapter} is not a LoRA adapter folder (no {lora.ADAPTER_CONFIG})")
+        if model is None:
+            model = adapter_base(adapter)
+    elif model is not None and lora.is_adapter_folder(resolve(model)):
+        adapter = resolve(model)
+        model = adapter_base(adapter)
     path = resolve(model)
     if path.is_dir():
         config, sd = load_hf_folder(path)
         tokenizer = Tokenizer.from_file(path)
         gen_path = path / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        return LoadedModel(build_model(config, sd, dtype, str(path)), tokenizer, path, "hf",
-                           {str(dtype).removeprefix("torch."): len(sd)}, gen)
-    gg = load_gguf(path)
-    tokenizer = Tokenizer.from_gguf_metadata(gg.metadata)
-    return LoadedModel(build_model(gg.config, gg.state_dict, dtype, str(path)), tokenizer, path, "gguf",
-                       dict(gg.tensor_types))
+        fmt, types = "hf", {str(dtype).removeprefix("torch."): len(sd)}
+    else:
+        gg = load_gguf(path)
+        tokenizer = Tokenizer.from_gguf_metadata(gg.metadata)
+        config, sd, fmt, types, gen = gg.config, gg.state_dict, "gguf", dict(gg.tensor_types), {}
+    if adapter is not None:
+        lora_config, tensors, _ = lora.read_adapter(adapter, config)
+        sd = lora.merge_into_state_dict(sd, lora_config, tensors)
+    return LoadedModel(build_model(config, sd, dtype, str(path)), tokenizer, path, fmt, types, gen)
+
+
+def adapter_base(folder) -> str:
+    """The base model an adapter folder's adapter_config.json names."""
+    from . import lora
+    try:
+        base = json.loads((Path(folder) / lora.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder}/{lora.ADAPTER_CONFIG} is not readable JSON ({e})") from None
+    if not base:
+        raise ModelNotFound(f"{folder} is a LoRA adapter that names no base model: give the base with -m BASE "
+                            f"--adapter {folder}")
+    relative = Path(folder) / base
+    return str(relative) if relative.exists() else base

@@ -1,4 +1,4 @@
-"""The training loop: one loop for pretraining (and, later, chat fine-tuning with masked targets).
+"""The training loop: one loop for pretraining and chat fine-tuning (sft.py: masked targets, LoRA).
 
 Each optimizer step:
 
@@ -168,15 +168,19 @@ def _flag_type(cls, name):
     return args[0] if args else hint
 
 
-def add_config_args(parser: argparse.ArgumentParser):
+def add_config_args(parser: argparse.ArgumentParser, model_flags: bool = True):
     """One flag per field of TrainConfig and ModelConfig: `--lr 3e-4`, `--n-layer 4`, `--compile/--no-compile`.
 
     Flags default to "not given", so a preset (or the checkpoint being resumed) supplies the rest.
+    model_flags=False: training flags only (fine-tuning keeps the pretrained model's shape).
     """
-    for cls, title in ((TrainConfig, "training (overrides the preset)"),
-                       (ModelConfig, "model shape (overrides the preset; vocab size comes from the dataset)")):
+    classes = ((TrainConfig, "training (overrides the preset)"),
+               (ModelConfig, "model shape (overrides the preset; vocab size comes from the dataset)"))
+    for cls, title in classes if model_flags else classes[:1]:
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
+            if cls is TrainConfig and not model_flags and f.name == "data_dir":
+                continue
             if cls is ModelConfig and f.name in MODEL_FIELDS_NOT_FLAGS:
                 continue
             kind = _flag_type(cls, f.name)
@@ -467,7 +471,7 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(out_dir: Path, step: int, model_sd: dict, model_config: ModelConfig, tokenizer: Tokenizer,
-                    osd: dict, train_state: dict, keep_last: int) -> Path:
+                    osd: dict, train_state: dict, keep_last: int, finetune=None) -> Path:
     """Write step_NNNNNN/ (HF folder + training state) atomically, point `latest` at it, drop old ones.
 
     Everything goes into a hidden temporary folder that is renamed into place when complete, so a crash
@@ -477,10 +481,13 @@ def save_checkpoint(out_dir: Path, step: int, model_sd: dict, model_config: Mode
     final, tmp = out_dir / name, out_dir / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    with torch.device("meta"):  # a GPT that merely holds the (gathered) weights, for save_hf_folder
-        holder = GPT(model_config)
-    holder.load_state_dict(model_sd, strict=True, assign=True)
-    save_hf_folder(holder, tmp, tokenizer=tokenizer)
+    if finetune is not None:  # fine-tuning decides what a checkpoint's weights are (e.g. a LoRA adapter)
+        finetune.save_weights(tmp, model_sd, tokenizer)
+    else:
+        with torch.device("meta"):  # a GPT that merely holds the (gathered) weights, for save_hf_folder
+            holder = GPT(model_config)
+        holder.load_state_dict(model_sd, strict=True, assign=True)
+        save_hf_folder(holder, tmp, tokenizer=tokenizer)
     opt_tensors, opt_meta = _optimizer_to_files(osd)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, rng_meta = _rng_state()
@@ -500,10 +507,10 @@ def save_checkpoint(out_dir: Path, step: int, model_sd: dict, model_config: Mode
     return final
 
 
-def load_checkpoint_state(folder: Path) -> tuple[dict, dict, dict, dict]:
+def load_checkpoint_state(folder: Path, finetune=None) -> tuple[dict, dict, dict, dict]:
     """(model state dict, optimizer state dict, RNG tensors, trainer state) of a checkpoint folder."""
     state = read_train_state(folder)
-    _, model_sd = load_hf_folder(folder)
+    model_sd = load_hf_folder(folder)[1] if finetune is None else finetune.load_weights(folder)
     try:
         osd = _optimizer_from_files(load_file(folder / "optimizer.safetensors"), state["optimizer"])
         rng = load_file(folder / "rng.safetensors")
@@ -631,7 +638,7 @@ def model_config_for(tokenizer: Tokenizer, model_config: ModelConfig, config: Tr
 
 
 def train(config: TrainConfig, model_config: ModelConfig, resume=None,
-          on_record: Callable[[dict], None] | None = None, stream=TokenStream) -> TrainResult:
+          on_record: Callable[[dict], None] | None = None, stream=TokenStream, finetune=None) -> TrainResult:
     """Train a model on a prepared dataset; `picochat train` is this function.
 
     resume: None (a new run: out_dir must not hold one), True (the latest checkpoint in out_dir) or a
@@ -639,17 +646,24 @@ def train(config: TrainConfig, model_config: ModelConfig, resume=None,
     same dicts metrics.jsonl gets: step, loss, lr, tokens/s, elapsed, and val_loss, val_bpb, sample
     when those were computed). stream(data_dir, split, batch_size, seq_len, rank, world_size) gives the
     batches (TokenStream's interface: next_batch() -> (x, y) with -100 for targets to ignore,
-    state_dict(), load_state_dict(), n_windows, step_windows). Bad input raises before anything is written.
+    state_dict(), load_state_dict(), n_windows, step_windows; a `read_meta(data_dir)` attribute, if it has
+    one, reads its dataset's meta.json instead of data.read_meta). finetune, for fine-tuning a pretrained
+    model (sft.FineTune), gives the model instead of a random one: .model_config, .build_model(), and the
+    checkpoint weights: .save_weights(folder, state_dict, tokenizer), .load_weights(folder) -> state dict
+    (for LoRA: only the adapter). Bad input raises before anything is written.
     """
     # Check everything that can be checked before a file is written or a process group joined.
     validate(config)
     data_dir, out_dir = Path(config.data_dir), Path(config.out_dir)
-    read_meta(data_dir)
+    getattr(stream, "read_meta", read_meta)(data_dir)
     try:
         tokenizer = Tokenizer.from_file(data_dir / "tokenizer")
     except (OSError, ValueError) as e:
         raise DataError(f"{data_dir}/tokenizer: the dataset's tokenizer does not load ({e})") from None
-    model_config = model_config_for(tokenizer, model_config, config)
+    if finetune is not None:  # the pretrained model's shape and vocabulary, as they are
+        model_config = finetune.model_config
+    else:
+        model_config = model_config_for(tokenizer, model_config, config)
     check_exportable(model_config)
     if config.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len {config.seq_len} exceeds the model's context (max_seq_len "
@@ -666,7 +680,7 @@ def train(config: TrainConfig, model_config: ModelConfig, resume=None,
         torch.set_num_threads(config.threads)
     info = init_distributed(config)
     try:
-        return _run(config, model_config, tokenizer, ckpt, info, on_record, stream)
+        return _run(config, model_config, tokenizer, ckpt, info, on_record, stream, finetune)
     finally:
         torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
         if info.world_size > 1 and dist.is_initialized():
@@ -674,7 +688,7 @@ def train(config: TrainConfig, model_config: ModelConfig, resume=None,
 
 
 def _run(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, ckpt: Path | None,
-         info: DistInfo, on_record, stream) -> TrainResult:
+         info: DistInfo, on_record, stream, finetune=None) -> TrainResult:
     from tqdm import tqdm
     data_dir, out_dir = Path(config.data_dir), Path(config.out_dir)
     B, T = config.batch_size, config.seq_len
@@ -693,7 +707,7 @@ def _run(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, c
     # Each process reads its own rows of every global batch; together they read what one process would.
     train_data = stream(data_dir, "train", B, T, info.rank, info.world_size)
     val_data = None  # a dataset without a val split trains without validation
-    if "val" in read_meta(data_dir)["splits"]:
+    if "val" in getattr(stream, "read_meta", read_meta)(data_dir)["splits"]:
         val_data = stream(data_dir, "val", B, T, info.rank, info.world_size)
         n_eval = min(config.eval_batches, val_data.n_windows // val_data.step_windows)
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths())
@@ -704,11 +718,18 @@ def _run(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, c
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    model = GPT(model_config)
+    model = GPT(model_config) if finetune is None else finetune.build_model()
     step, tokens, elapsed_before, osd, rng = 0, 0, 0.0, None, None
     if ckpt is not None:
-        model_sd, osd, rng, state = load_checkpoint_state(ckpt)
-        model.load_state_dict(model_sd, strict=True)
+        model_sd, osd, rng, state = load_checkpoint_state(ckpt, finetune)
+        if finetune is None:
+            model.load_state_dict(model_sd, strict=True)
+        else:  # the checkpoint holds the trained tensors (all of them, or a LoRA adapter's)
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            if set(model_sd) != trainable:
+                raise CheckpointError(f"{ckpt}: its weights do not match this run's trainable parameters "
+                                      f"(a different --lora-rank or target modules?)")
+            model.load_state_dict(model_sd, strict=False)
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         train_data.load_state_dict(state["data"])
     model.to(info.device).train()
@@ -785,7 +806,7 @@ def _run(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, c
                          "world_size": info.world_size, "train_config": dataclasses.asdict(config),
                          "model_config": dataclasses.asdict(model_config)}
                 result.checkpoint = save_checkpoint(out_dir, step, model_sd, model_config, tokenizer, osd,
-                                                    state, config.keep_last)
+                                                    state, config.keep_last, finetune)
             last_saved = step
             if info.world_size > 1:
                 dist.barrier()
