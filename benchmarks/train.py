@@ -34,7 +34,8 @@ Columns:
   * ×ref         tok/s ÷ the reference's (same compile mode; higher is faster) and bpb ÷ the reference's
                  (lower is better)
   * other        cores that other processes kept busy during the run (/proc/stat less this process and its
-                 children): a row with more than ~0.1 was measured on a shared CPU
+                 children): a row with more than ~0.1 was measured on a shared CPU. A row with more than
+                 --max-other is run again (--retries times at most) once the load average is low
 The bf16 matmul peak, the load average (before the runs the script waits, up to --wait-max s, for the
 1-minute load average to drop below --wait-load) and the versions head the table.
 """
@@ -407,6 +408,9 @@ def main():
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--wait-load", type=float, default=1.5, help="wait until the 1-minute load average is below this")
     p.add_argument("--wait-max", type=float, default=600.0, help="... for at most this many seconds")
+    p.add_argument("--max-other", type=float, default=0.25, help="a row during which other processes kept more "
+                   "than this many cores busy is run again (after waiting for a quiet machine) ...")
+    p.add_argument("--retries", type=int, default=1, help="... at most this many times")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)      # KIND:MODE, in a child process
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
@@ -432,14 +436,20 @@ def main():
         runs.append(("demo", "compiled" if TRAIN_PRESETS["demo"].compile else "eager"))
     rows, peak_log = [], [peaks["bf16"]]
     for kind, mode in runs:
-        peak_log.append(matmul_peak(torch.bfloat16))  # the machine between rows: contention only lowers it
-        log(f"{ROWS[kind]} ({mode}), {args.budget:.0f} s ...")
-        other = OtherCPU()
-        r = summarise(ROWS[kind], mode, run_in_subprocess(args, kind, mode), args, peak)
-        r["other_cores"] = other.cores()
-        log(f"  {r['steps']} steps, {r['tok_s']:.0f} tok/s (median step), first step {r['first_step_s']:.1f} s, "
-            f"val loss {r['val_loss_0']:.4f} -> {r['val_loss']:.4f}, bpb {r['val_bpb']:.4f}, other processes "
-            f"{r['other_cores'] or 0:.2f} cores, load {r['load_after']:.2f}")
+        for attempt in range(args.retries + 1):
+            if attempt:
+                log(f"  other processes kept {r['other_cores']:.2f} cores busy: running the row again")
+                wait_for_quiet(args.wait_load, args.wait_max)
+            peak_log.append(matmul_peak(torch.bfloat16))  # the machine between rows: contention only lowers it
+            log(f"{ROWS[kind]} ({mode}), {args.budget:.0f} s ...")
+            other = OtherCPU()
+            r = summarise(ROWS[kind], mode, run_in_subprocess(args, kind, mode), args, peak)
+            r["other_cores"], r["attempts"] = other.cores(), attempt + 1
+            log(f"  {r['steps']} steps, {r['tok_s']:.0f} tok/s (median step), first step {r['first_step_s']:.1f} s, "
+                f"val loss {r['val_loss_0']:.4f} -> {r['val_loss']:.4f}, bpb {r['val_bpb']:.4f}, other processes "
+                f"{r['other_cores'] or 0:.2f} cores, load {r['load_after']:.2f}")
+            if r["other_cores"] is None or r["other_cores"] <= args.max_other:
+                break
         rows.append(r)
     peaks_end = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     peak_log.append(peaks_end["bf16"])
@@ -469,7 +479,8 @@ def main():
     print(f"budget {args.budget:.0f} s per run (compile and the step-0 validation inside it); val bpb on "
           f"{n_eval} × {args.batch_size} × {args.seq_len} validation tokens; step tok/s from the median step after "
           f"{args.skip_steps} warm-up steps; FLOPs/token = 6·N(no position embedding) + 12·n_layer·n_embd·seq; "
-          f"other = cores other processes kept busy during the run (> 0.1: that row was measured on a shared CPU)\n")
+          f"other = cores other processes kept busy during the row's run (> 0.1: measured on a shared CPU; rows over "
+          f"{args.max_other} were run again, up to {args.retries} time(s))\n")
     print(table(rows))
     print(f"\ntotal {total:.0f} s")
     if args.json:
