@@ -339,7 +339,7 @@ def test_stop_button_aborts_and_the_server_stops_generating(open_page, scripted)
     page.click("#stop")  # the text grew while streaming; now stop it
     expect(page.locator("#send")).to_be_visible()
     expect(page.locator(".msg.assistant .meta")).to_contain_text("stopped")
-    deadline = time.time() + 5
+    deadline = time.time() + 15  # generous: a loaded CI machine notices the disconnect late
     while scripted.state.batcher.active or scripted.state.batcher.waiting:
         assert time.time() < deadline, "the server kept generating after the client went away"
         time.sleep(0.05)
