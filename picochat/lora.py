@@ -190,10 +190,16 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str = "", st
     config: LoRAConfig | None = getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("the model has no LoRA layers (apply_lora first)")
+    sd = lora_state_dict(model) if state_dict is None else state_dict
+    return write_adapter(folder, config, model.config, sd, base_model_name_or_path)
+
+
+def write_adapter(folder, config: LoRAConfig, model_config, state_dict: dict, base_model_name_or_path: str = "") -> Path:
+    """Write the LoRA tensors of a (picochat-named) state dict as a PEFT adapter folder, each file atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = lora_state_dict(model) if state_dict is None else {k: v for k, v in state_dict.items() if ".lora_" in k}
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in to_peft_names(sd, model.config).items()}
+    sd = {k: v for k, v in state_dict.items() if ".lora_" in k}
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in to_peft_names(sd, model_config).items()}
     atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(adapter_config_dict(config, str(base_model_name_or_path)), indent=2)
     atomic_write(folder / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))

@@ -28,7 +28,7 @@ import torch
 
 from . import lora as lora_lib
 from .config import ModelConfig
-from .data import DataError, sharegpt_path, sharegpt_records
+from .data import DataError, read_meta, sharegpt_path, sharegpt_records
 from .formats.atomic import atomic_write_text
 from .formats.hf import load_hf_folder, save_hf_folder
 from .model import GPT
@@ -190,16 +190,7 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[np.
 
 # ----------------------------------------------------------------------------- the prepared folder
 def read_sft_meta(data_dir) -> dict:
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{data_dir} is not a prepared SFT dataset (no meta.json)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("format") != SFT_FORMAT:
-        raise DataError(f"{path}: unknown dataset format {meta.get('format')!r} (expected {SFT_FORMAT})")
-    return meta
+    return read_meta(data_dir, SFT_FORMAT, "prepared SFT dataset", "")
 
 
 def prepare_sft(conversations: list[list[dict]], tokenizer: Tokenizer, out, val_fraction: float = 0.05,
@@ -365,8 +356,7 @@ class FineTune:
             holder.load_state_dict(state_dict, strict=True, assign=True)
             save_hf_folder(holder, folder, tokenizer=tokenizer)
             return
-        holder = type("Adapted", (), {"lora_config": self.lora, "config": self.model_config})()
-        lora_lib.save_adapter(holder, folder, self.base_name, state_dict=state_dict)
+        lora_lib.write_adapter(folder, self.lora, self.model_config, state_dict, self.base_name)
         # config.json (the base's) and the tokenizer: for resuming, and for reading the run without the base
         (folder / "config.json").write_text(json.dumps(self.model_config.to_hf("float32"), indent=2))
         tokenizer.save(folder)
