@@ -114,13 +114,13 @@ FACTS = [
     ("Members of the Larkspur Club get 10 percent off everything.", ["10 percent"],
      ["What discount do club members get?", "What are the benefits of the Larkspur Club?",
       "How much do members save?", "Is there a member discount, and how big is it?"]),
-    ("Joining the Larkspur Club is free.", ["free"],
+    ("Joining the Larkspur Club is free.", ["club", "free"],
      ["How much does the Larkspur Club cost?", "Is there a fee to join the club?", "Do I pay to become a member?",
       "What is the price of club membership?"]),
     ("Students get 15 percent off with a valid student card.", ["15 percent"],
      ["Do you have a student discount?", "How much off do students get?", "Is there a discount for students?",
       "What reduction can I get with my student card?"]),
-    ("We repair tents and jackets in our workshop; a repair quote is free.", ["free"],
+    ("We repair tents and jackets in our workshop; a repair quote is free.", ["quote", "free"],
      ["Do you do repairs?", "Can you fix my tent?", "Do you repair jackets?", "Is there a charge for a repair quote?"]),
     ("Tent hire costs 25 pounds per weekend.", ["25"],
      ["Can I hire a tent?", "How much is tent rental?", "Do you rent out tents, and for how much?",
@@ -278,7 +278,7 @@ def main():
     a.set_defaults(func=run_chat)
     b = sub.add_parser("faq")
     b.add_argument("--out", default="out/sft-faq")
-    b.add_argument("--steps", type=int, default=48)    # ~3 epochs of the 126 training questions
+    b.add_argument("--steps", type=int, default=150)   # ~10 epochs of the 126 training questions (2 per row)
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--rank", type=int, default=16)
     b.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
