@@ -26,7 +26,7 @@ class SamplingParams:
     temperature: float = 0.7
     top_k: int = 0                      # 0: off
     top_p: float = 1.0                  # 1.0: off
-    repetition_penalty: float = 1.0     # 1.0: off; >1 discourages tokens already in the context
+    repetition_penalty: float = 1.0     # 1.0: off; >1 discourages tokens already in the context (not end-of-turn)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)   # stop strings (not included in the output)
     stop_token_ids: list[int] | None = None         # default: the tokenizer's end-of-turn tokens
@@ -124,7 +124,10 @@ class Generation:
         self.max_new = min(params.max_new_tokens, engine.context_length - len(prompt_ids))
         self._stop_ids = set(engine.tokenizer.end_of_turn_ids if params.stop_token_ids is None else params.stop_token_ids)
         self._generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self._context = torch.tensor(prompt_ids, dtype=torch.long) if params.repetition_penalty != 1.0 else None
+        # the penalty spares end-of-turn tokens: a chat prompt holds <|end|> after every turn, and
+        # penalising it would keep the reply from ever stopping
+        self._context = (torch.tensor([t for t in prompt_ids if t not in self._stop_ids], dtype=torch.long)
+                         if params.repetition_penalty != 1.0 else None)
         self._decoder = StreamDecoder(engine.tokenizer)
         self._pending = ""  # decoded text held back because it may be the start of a stop string
         self._holdback = max((len(s) for s in params.stop), default=1) - 1

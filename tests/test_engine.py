@@ -111,6 +111,31 @@ def test_repetition_penalty_changes_choice():
                        context=torch.tensor([0])) == 1
 
 
+def test_repetition_penalty_spares_the_end_of_turn_token(engine):
+    # a model whose logits ignore the input: the stop token (in the prompt, as <|end|> is in every chat
+    # prompt) scores 5, another token 4; a heavy penalty must not keep the reply from stopping
+    config = ModelConfig(vocab_size=8, n_layer=1, n_head=2, n_kv_head=2, n_embd=8, intermediate_size=16,
+                         max_seq_len=32, tie_word_embeddings=False)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.embed.weight.fill_(1.0)           # every token's hidden state is all ones through the zeroed blocks
+        for p in model.parameters():            # norm weights back to one
+            if p.dim() == 1:
+                p.fill_(1.0)
+        model.lm_head.weight[5].fill_(5.0 / 8)
+        model.lm_head.weight[4].fill_(4.0 / 8)
+    e = Engine(model, engine.tokenizer)
+    params = SamplingParams(temperature=0, max_new_tokens=3, stop_token_ids=[5], repetition_penalty=10.0)
+    gen = e.complete([1, 5, 2, 5], params)
+    assert gen.finish_reason == "stop" and gen.token_ids == []
+    # ordinary tokens are still penalised (with no stop tokens, 5 is one)
+    params = SamplingParams(temperature=0, max_new_tokens=1, stop_token_ids=[], repetition_penalty=10.0)
+    assert e.complete([1, 4, 2], params).token_ids == [5]
+    assert e.complete([1, 5, 2], params).token_ids == [4]
+
+
 def test_stop_string_truncates_and_finishes(engine):
     ids = prompt(engine)
     full = engine.complete(ids, greedy(max_new_tokens=30)).text
