@@ -14,11 +14,9 @@ Medians of --repeats runs, after one warm-up. Both systems get the same token id
 """
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")    # transformers' GGUF de-quantizing
 import torch
 
 import picochat
+from common import cpu_model, finish_report, log
 from picochat.engine import Engine, SamplingParams
 from picochat.models import find_packaged, load
 
@@ -40,22 +39,10 @@ PARAGRAPH = ("The history of computing is a story of people finding ways to make
 CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 # ----------------------------------------------------------------------------- picochat
@@ -195,11 +182,8 @@ def main():
     print(f"load: median of {args.repeats} loads; prefill: {args.prompt_tokens}-token prompt; decode: "
           f"{args.new_tokens} new tokens from a {len(chat_ids)}-token chat prompt; medians of {args.repeats}, "
           f"after one warm-up. Ratios: how many times faster than transformers of the same dtype.\n")
-    print(table(results))
-    print(f"\ntotal {total:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=machine, args=vars(args), model=str(path), total_s=total, results=results), f, indent=2)
+    finish_report(table(results), total, args.json,
+                  dict(machine=machine, args=vars(args), model=str(path), total_s=total, results=results))
 
 
 if __name__ == "__main__":

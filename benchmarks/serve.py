@@ -48,6 +48,8 @@ from pathlib import Path
 
 import httpx
 
+from common import busy_cpu_seconds, cpu_model, finish_report, log
+
 SYSTEMS = ["picochat-bf16", "picochat-fp32", "llama-cpp-python"]
 LLAMA = "llama-cpp-python"
 DEFAULT_LLAMA_VENV = Path.home() / ".cache" / "picochat" / "bench" / "llama-venv"
@@ -61,18 +63,6 @@ PROMPTS = [  # distinct, short, and each asks for more than 64 tokens of answer
     "Write a short poem about the ocean and the moon.",
     "How does a bicycle stay upright while moving?",
 ]
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def version(dist):
@@ -119,13 +109,6 @@ class LoadMonitor:
         self._thread.start()
 
     @staticmethod
-    def _busy_jiffies():
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
-        return sum(fields[:8]) - idle                               # user..steal, without guest (counted in user)
-
-    @staticmethod
     def _proc_jiffies(pid):
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -157,7 +140,7 @@ class LoadMonitor:
             j = self._proc_jiffies(pid)
             if j is not None:
                 own[pid] = j
-        return time.monotonic(), self._busy_jiffies(), own
+        return time.monotonic(), busy_cpu_seconds(), own
 
     def _run(self):
         while not self._stop.wait(self.PERIOD):
@@ -165,7 +148,7 @@ class LoadMonitor:
             t0, busy0, own0 = self._last
             dt = max(t - t0, 1e-3)
             own_cores = sum(j - own0.get(pid, 0) for pid, j in own.items()) / self.hz / dt
-            all_cores = (busy - busy0) / self.hz / dt
+            all_cores = (busy - busy0) / dt
             decay = math.exp(-dt / 60)
             with self.lock:
                 self.own_ema = self.own_ema * decay + own_cores * (1 - decay)
@@ -187,7 +170,7 @@ class LoadMonitor:
         t, busy, own = self._sample()
         dt = max(t - t0, 1e-3)
         own_cores = sum(j - own0.get(pid, 0) for pid, j in own.items()) / self.hz / dt
-        return max((busy - busy0) / self.hz / dt - own_cores, 0.0), own_cores
+        return max((busy - busy0) / dt - own_cores, 0.0), own_cores
 
     def wait_quiet(self, max_load, max_wait, poll=10.0):
         """Wait until the 1-minute load average less our own share is below max_load (or max_wait passes,
@@ -614,13 +597,10 @@ def main():
         print("llama-cpp-python's server has no parallel slots: one request at a time behind a lock (the others "
               "wait); run with --interrupt_requests False")
     print("load1 = 1-min load average when the level began; others = CPU cores used by other processes during it\n")
-    print(table(rows, status))
-    print(f"\ntotal {total:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=machine, args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                           model=str(model), prompts=PROMPTS, total_s=total, llama_build=build, status=status,
-                           load_start=start_load, load_end=end_load, results=rows), f, indent=2)
+    finish_report(table(rows, status), total, args.json,
+                  dict(machine=machine, args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                       model=str(model), prompts=PROMPTS, total_s=total, llama_build=build, status=status,
+                       load_start=start_load, load_end=end_load, results=rows))
 
 
 if __name__ == "__main__":

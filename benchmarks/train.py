@@ -66,15 +66,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import picochat
+from common import busy_cpu_seconds, finish_report, log
 from picochat.config import PRESETS, ModelConfig
 from picochat.data import TokenStream
 from picochat.model import GPT
 from picochat.tokenizer import Tokenizer
 from picochat.train import TRAIN_PRESETS, DistInfo, TrainConfig, evaluate, model_config_for, train
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- the nanoGPT-style reference
@@ -271,13 +268,10 @@ class OtherCPU:
 
     @staticmethod
     def _now():
-        try:
-            with open("/proc/stat") as f:
-                user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        except (OSError, ValueError):
+        busy = busy_cpu_seconds()
+        if busy is None:
             return None
         t = os.times()
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
         return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
 
     def cores(self) -> float | None:
@@ -481,14 +475,10 @@ def main():
           f"{args.skip_steps} warm-up steps; FLOPs/token = 6·N(no position embedding) + 12·n_layer·n_embd·seq; "
           f"other = cores other processes kept busy during the row's run (> 0.1: measured on a shared CPU; rows over "
           f"{args.max_other} were run again, up to {args.retries} time(s))\n")
-    print(table(rows))
-    print(f"\ntotal {total:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), peaks=peaks, peaks_end=peaks_end,
-                           bf16_peak=peak, bf16_peaks=peak_log,
-                           load_start=load_start, load_end=load_end, waited_s=waited, total_s=total, args=vars(args),
-                           results=rows), f, indent=2)
+    finish_report(table(rows), total, args.json,
+                  dict(torch=torch.__version__, threads=torch.get_num_threads(), peaks=peaks, peaks_end=peaks_end,
+                       bf16_peak=peak, bf16_peaks=peak_log, load_start=load_start, load_end=load_end, waited_s=waited,
+                       total_s=total, args=vars(args), results=rows))
 
 
 if __name__ == "__main__":

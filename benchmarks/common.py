@@ -1,0 +1,40 @@
+"""What the benchmark scripts share: logging, the machine's description, CPU accounting, the report's end."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+
+def log(msg):
+    """Progress goes to stderr, so stdout holds only the report."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have kept the machine's cores busy since boot (/proc/stat: user, nice,
+    system, irq, softirq, steal; guest time is inside user), or None where there is no /proc/stat."""
+    import os
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def finish_report(table: str, total_s: float, json_path: str | None, record: dict):
+    """Print the table and the run's total time; write the record as JSON when asked (--json)."""
+    print(table)
+    print(f"\ntotal {total_s:.0f} s")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(record, f, indent=2)
