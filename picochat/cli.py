@@ -30,8 +30,10 @@ def add_model_args(p: argparse.ArgumentParser):
                         "or a LoRA adapter folder (its adapter_config.json names the base)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter folder (PEFT format, e.g. from `picochat sft --lora-rank`) to apply to -m")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="compute dtype (bfloat16 is ~2.5x faster on CPUs with AVX-512 bf16)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="compute dtype; auto (default) picks what is fastest on this CPU (`picochat info --system`)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="expand a GGUF's quantized weights to --dtype floats instead of running them as integers")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-v", "--verbose", action="store_true", help="print tokens/s and time to first token")
 
@@ -61,23 +63,26 @@ def open_engine(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    loaded = models.load(args.model, dtype=getattr(torch, args.dtype), adapter=args.adapter)
+    loaded = models.load(args.model, dtype=args.dtype, adapter=args.adapter, quantized=not args.dequantize)
     if args.verbose:
         m = loaded.model
-        print(f"[loaded {loaded.path} ({loaded.format}, {m.config.architecture}, {m.num_params() / 1e6:.1f}M params, "
-              f"{args.dtype}) in {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+        print(f"[loaded {loaded.path} ({loaded.format}, {m.config.architecture}, {m.config.n_layer} layers, "
+              f"{loaded.weights} weights, {str(loaded.dtype).removeprefix('torch.')} activations"
+              f"{', from the cache' if loaded.from_cache else ''}) in {time.perf_counter() - t0:.2f} s]",
+              file=sys.stderr)
     return Engine(loaded.model, loaded.tokenizer)
 
 
 def print_stats(gen):
     s = gen.stats
-    print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_s:.0f} tok/s, first token {s.time_to_first_token:.2f} s | "
-          f"{s.completion_tokens} tokens at {s.tokens_per_s:.1f} tok/s | finish: {gen.finish_reason}]", file=sys.stderr)
+    cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
+    print(f"[{s.prompt_tokens} prompt tokens{cached} at {s.prefill_tokens_per_s:.0f} tok/s, first token "
+          f"{s.time_to_first_token:.2f} s | {s.completion_tokens} tokens at {s.tokens_per_s:.1f} tok/s | "
+          f"finish: {gen.finish_reason}]", file=sys.stderr)
 
 
-def stream_reply(engine, prompt_ids, params, verbose) -> tuple[str, bool]:
-    """Print a reply as it is generated. Returns (text, interrupted)."""
-    gen = engine.generate(prompt_ids, params)
+def stream(gen, verbose) -> bool:
+    """Print a generation as it streams (Ctrl-C stops it). Returns whether it was interrupted."""
     interrupted = False
     try:
         for piece in gen:
@@ -89,18 +94,7 @@ def stream_reply(engine, prompt_ids, params, verbose) -> tuple[str, bool]:
     sys.stdout.write("\n")
     if verbose:
         print_stats(gen)
-    return gen.text, interrupted
-
-
-def fit_history(engine, messages, max_new_tokens) -> list[int]:
-    """The chat prompt, dropping the oldest turns (never the system prompt) until it fits the context."""
-    while True:
-        ids = engine.chat_prompt(messages)
-        room = engine.context_length - len(ids)
-        first = 1 if messages and messages[0]["role"] == "system" else 0
-        if room >= min(max_new_tokens, engine.context_length // 4) or len(messages) - first <= 1:
-            return ids
-        del messages[first:first + 2]
+    return interrupted
 
 
 def cmd_chat(args):
@@ -108,10 +102,10 @@ def cmd_chat(args):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    from .engine import ChatSession
     engine = open_engine(args)
     params = sampling_from_args(args)
-    system = args.system
-    messages = [{"role": "system", "content": system}] if system else []
+    chat = ChatSession(engine, args.system)  # keeps the conversation's KV cache between turns
     print("picochat — type a message, /help for commands, Ctrl-D to leave.", file=sys.stderr)
     while True:
         try:
@@ -133,12 +127,11 @@ def cmd_chat(args):
             elif cmd == "/help":
                 print(CHAT_HELP)
             elif cmd == "/clear":
-                messages = [{"role": "system", "content": system}] if system else []
+                chat.clear()
                 print("[conversation cleared]")
             elif cmd == "/system":
-                system = rest or None
-                messages = [{"role": "system", "content": system}] if system else []
-                print(f"[system prompt {'set' if system else 'removed'}; conversation cleared]")
+                chat.clear(rest or None)
+                print(f"[system prompt {'set' if rest else 'removed'}; conversation cleared]")
             elif cmd == "/set":
                 if not rest:
                     print("  " + "  ".join(f"{k}={getattr(params, k)}" for k in
@@ -162,10 +155,9 @@ def cmd_chat(args):
             else:
                 print(f"unknown command {cmd}; /help lists the commands")
             continue
-        messages.append({"role": "user", "content": text})
-        ids = fit_history(engine, messages, params.max_new_tokens)
-        reply, _ = stream_reply(engine, ids, params, args.verbose)
-        messages.append({"role": "assistant", "content": reply})
+        gen = chat.ask(text, params)
+        stream(gen, args.verbose)
+        chat.record(gen)
 
 
 def cmd_generate(args):
@@ -178,7 +170,7 @@ def cmd_generate(args):
         ids = engine.chat_prompt(messages)
     else:
         ids = engine.tokenizer.encode(prompt, add_special_tokens=True)
-    stream_reply(engine, ids, params, args.verbose)
+    stream(engine.generate(ids, params), args.verbose)
     return 0
 
 
@@ -218,7 +210,7 @@ def cmd_serve(args):
         model_id = path.stem if path.is_file() else path.name
 
     def load_engine():
-        loaded = models.load(args.model, dtype=getattr(torch, args.dtype), adapter=args.adapter)
+        loaded = models.load(args.model, dtype=args.dtype, adapter=args.adapter, quantized=not args.dequantize)
         return Engine(loaded.model, loaded.tokenizer)
 
     app = create_app(load_engine, model_id, api_key=args.api_key, max_batch=args.parallel,
@@ -329,7 +321,7 @@ def cmd_merge(args):
 
     from . import models
     from .formats.hf import save_hf_folder
-    loaded = models.load(args.model, dtype=torch.float32, adapter=args.adapter)
+    loaded = models.load(args.model, dtype=torch.float32, adapter=args.adapter, quantized=False, fuse=False)
     save_hf_folder(loaded.model, args.out, tokenizer=loaded.tokenizer)
     print(args.out)
     return 0

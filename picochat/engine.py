@@ -2,8 +2,12 @@
 
 Everything that generates (the chat REPL, `generate`, the server, the evals) goes through this
 module: `Engine.generate` runs one sequence, `Batcher` runs many at once (one forward pass decodes a
-token for every active sequence). Both drive the same per-sequence `Generation`, so sampling, stop
-rules, logprobs and speed measurements live in one place.
+token for every active sequence). Both drive the same per-sequence `Generation` and pick tokens with the
+same `sample_rows`, so sampling, stop rules, logprobs and speed measurements live in one place.
+
+Both keep what they have computed: a prompt that starts like an earlier one (the next turn of a chat,
+an agent loop, the same system prompt) reuses the keys and values of that common prefix and computes
+only the new tokens. Long prompts are prefilled in chunks, so a server's active streams keep flowing.
 """
 from __future__ import annotations
 
@@ -15,8 +19,11 @@ from typing import Callable
 
 import torch
 
-from .model import GPT
+from .model import GPT, KVCache
 from .tokenizer import StreamDecoder, Tokenizer
+
+PREFILL_CHUNK = 256   # prompt tokens per forward pass while prefilling
+TOP_CANDIDATES = 64   # top-p sampling looks at this many of the most likely tokens (exact; see sample_rows)
 
 
 @dataclass
@@ -50,6 +57,7 @@ class SamplingParams:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0              # prompt tokens whose keys/values were reused, not computed
     completion_tokens: int = 0
     time_to_first_token: float = 0.0    # seconds from the call to the first sampled token (includes prefill)
     decode_seconds: float = 0.0         # time spent after the first token
@@ -58,7 +66,9 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.time_to_first_token if self.time_to_first_token else 0.0
+        """Prompt tokens computed (not reused) per second of time to the first token."""
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.time_to_first_token if self.time_to_first_token else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -66,27 +76,76 @@ class GenerationStats:
         return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds else 0.0
 
 
+# ----------------------------------------------------------------------------- sampling
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style: shrink the positive scores of tokens already seen, grow their negative ones."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                seen: list[torch.Tensor | None] | None = None) -> list[int]:
+    """Pick the next token of each row of (rows, vocab) logits, all rows in a few tensor operations.
+
+    Greedy rows take the argmax. Sampled rows divide by their temperature; top-k keeps the k most likely
+    tokens; top-p (nucleus) keeps the smallest set whose probability reaches p. Both are computed on the
+    TOP_CANDIDATES most likely tokens instead of sorting the whole vocabulary: that is exact whenever those
+    candidates hold probability p (a row where they do not is sorted in full). Each row draws its uniform
+    number from its own generator (seeded requests are reproducible whatever else is in the batch).
+    """
+    logits = logits.float()
+    n, vocab = logits.shape
+    if seen is not None and any(s is not None for s in seen):
+        logits = logits.clone()
+        for b, s in enumerate(seen):
+            if s is not None and params[b].repetition_penalty != 1.0:
+                logits[b] = apply_repetition_penalty(logits[b], s, params[b].repetition_penalty)
+    tokens = logits.argmax(dim=-1).tolist()
+    rows = [b for b, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return tokens
+    z = logits[rows] / torch.tensor([[params[b].temperature] for b in rows])
+    top_k = torch.tensor([params[b].top_k for b in rows])
+    top_p = torch.tensor([params[b].top_p for b in rows])
+    truncated = bool(((top_k > 0) | (top_p < 1)).any())
+    if truncated:
+        k = min(vocab, max(TOP_CANDIDATES, int(top_k.max())))
+        ids, probs = _candidates(z, top_k, k)
+        short = (top_k == 0) & (top_p < 1) & (probs.sum(-1) < top_p)  # the nucleus reaches past the candidates
+        if bool(short.any()) and k < vocab:
+            ids, probs = _candidates(z, top_k, vocab)
+        before = probs.cumsum(-1) - probs                                  # mass of the more likely tokens
+        probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+    else:
+        ids, probs = None, torch.softmax(z, dim=-1)
+    u = torch.stack([torch.rand(1, generator=generators[b]) for b in rows])  # (rows, 1)
+    cumulative = probs.cumsum(-1)
+    choice = (cumulative < u * cumulative[:, -1:]).sum(-1).clamp_(max=probs.shape[-1] - 1)
+    picked = ids.gather(1, choice[:, None])[:, 0] if ids is not None else choice
+    for b, token in zip(rows, picked.tolist()):
+        tokens[b] = token
+    return tokens
+
+
+def _candidates(z: torch.Tensor, top_k: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row (ids, most likely first) and their probabilities: under the whole
+    distribution, or renormalised over the row's top-k set where its top_k is on."""
+    values, ids = z.topk(k, dim=-1)
+    outside = (top_k[:, None] > 0) & (torch.arange(k)[None, :] >= top_k[:, None])
+    values = values.masked_fill(outside, float("-inf"))
+    norm = torch.where(top_k[:, None] > 0, torch.logsumexp(values, -1, keepdim=True),
+                       torch.logsumexp(z, -1, keepdim=True))
+    return ids, torch.exp(values - norm)
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                 context: torch.Tensor | None = None) -> int:
-    """Pick one token id from a (vocab,) row of logits."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and context is not None and context.numel():
-        seen = torch.unique(context)
-        scores = logits[seen]  # CTRL-style penalty: shrink positive scores, grow negative ones
-        logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability sums to top_p
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs[before >= params.top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """Pick one token id from a (vocab,) row of logits (context: token ids the repetition penalty sees)."""
+    seen = None
+    if context is not None and context.numel() and params.repetition_penalty != 1.0:
+        seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        seen[context] = True
+    return sample_rows(logits[None], [params], [generator], [seen])[0]
 
 
 @dataclass
@@ -106,11 +165,12 @@ def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
     return TokenLogprob(token, float(logp[token]), top)
 
 
+# ----------------------------------------------------------------------------- one generation
 class Generation:
     """One generation: iterate to stream text pieces; afterwards read text, token_ids, finish_reason, stats.
 
-    It also holds the per-sequence decoding state (sampler, stop rules, streaming detokenizer) that
-    both Engine and Batcher drive one token at a time through `_accept`.
+    It also holds the per-sequence decoding state (random generator, stop rules, streaming detokenizer)
+    that both Engine and Batcher drive one token at a time through `_accept`.
     """
 
     def __init__(self, engine: "Engine", prompt_ids: list[int], params: SamplingParams):
@@ -123,11 +183,8 @@ class Generation:
         self.done = False
         self.max_new = min(params.max_new_tokens, engine.context_length - len(prompt_ids))
         self._stop_ids = set(engine.tokenizer.end_of_turn_ids if params.stop_token_ids is None else params.stop_token_ids)
-        self._generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        # the penalty spares end-of-turn tokens: a chat prompt holds <|end|> after every turn, and
-        # penalising it would keep the reply from ever stopping
-        self._context = (torch.tensor([t for t in prompt_ids if t not in self._stop_ids], dtype=torch.long)
-                         if params.repetition_penalty != 1.0 else None)
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.seen: torch.Tensor | None = None   # tokens the repetition penalty sees (made on the first step)
         self._decoder = StreamDecoder(engine.tokenizer)
         self._pending = ""  # decoded text held back because it may be the start of a stop string
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
@@ -141,9 +198,26 @@ class Generation:
     def _begin(self):
         self._start = time.perf_counter()
 
+    def penalty_mask(self, vocab: int) -> torch.Tensor | None:
+        """The tokens the repetition penalty applies to, or None when it is off. The penalty spares
+        end-of-turn tokens: a chat prompt holds <|end|> after every turn, and penalising it would keep the
+        reply from ever stopping."""
+        if self.params.repetition_penalty == 1.0:
+            return None
+        if self.seen is None:
+            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            context = [t for t in self.prompt_ids if t not in self._stop_ids and 0 <= t < vocab]
+            if context:
+                self.seen[torch.tensor(context)] = True
+        return self.seen
+
     def _accept(self, logits: torch.Tensor) -> str:
         """Sample the next token from a (vocab,) row of logits and apply the stop rules; return new text."""
-        token = sample_next(logits, self.params, self._generator, self._context)
+        token = sample_rows(logits[None], [self.params], [self.generator], [self.penalty_mask(logits.shape[-1])])[0]
+        return self._accept_token(token, logits)
+
+    def _accept_token(self, token: int, logits: torch.Tensor) -> str:
+        """Take `token` (sampled from the (vocab,) row `logits`) and apply the stop rules; return new text."""
         now = time.perf_counter()
         if self._first_token_at is None:
             self._first_token_at = now
@@ -158,8 +232,8 @@ class Generation:
             self.logprobs.append(token_logprob(logits, token, self.params.logprobs))
         self.token_ids.append(token)
         self.stats.completion_tokens = len(self.token_ids)
-        if self._context is not None:
-            self._context = torch.cat([self._context, torch.tensor([token])])
+        if self.seen is not None and token < self.seen.numel():
+            self.seen[token] = True
         if len(self.token_ids) >= self.max_new:
             self.finish_reason, self.done = "length", True
         self._pending += self._decoder.push(token)
@@ -192,16 +266,37 @@ class Generation:
             self.stats.decode_seconds = end - self._first_token_at
 
 
-class Engine:
-    """Generates text from a picochat model and its tokenizer."""
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer):
+
+# ----------------------------------------------------------------------------- one sequence
+class Engine:
+    """Generates text from a picochat model and its tokenizer, one sequence at a time.
+
+    It keeps the KV cache of its last generation: a prompt that extends it (a chat's next turn) computes
+    only its new tokens. The model's weights must not change while an Engine reuses its cache (`reset()`).
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
+        self._cache: KVCache | None = None   # the last generation's keys and values ...
+        self._cached_ids: list[int] = []     # ... for these tokens
 
     @property
     def context_length(self) -> int:
         return self.model.config.max_seq_len
+
+    def reset(self):
+        """Forget the cached keys and values (e.g. after changing the model's weights)."""
+        self._cache, self._cached_ids = None, []
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Render messages with the model's chat template and tokenize, ready for the assistant's reply."""
@@ -230,25 +325,113 @@ class Engine:
         logits, _ = self.model(torch.tensor([prompt_ids]))
         return [None] + [token_logprob(logits[0, i - 1], prompt_ids[i], top_n) for i in range(1, len(prompt_ids))]
 
+    def _cache_for(self, prompt_ids: list[int], needed: int) -> tuple[KVCache, int]:
+        """A cache for this generation and how many prompt tokens it already holds (at least one token is
+        always left to compute: the last prompt position's logits pick the first new token)."""
+        reuse = 0
+        if self._cache is not None:
+            reuse = min(common_prefix(self._cached_ids, prompt_ids), len(prompt_ids) - 1)
+        cache = self._cache
+        if cache is None or cache.max_len < needed:  # grow in steps, keeping what is reused
+            size = min(self.context_length, max(needed, 2 * (cache.max_len if cache else 0), 256))
+            grown = self.model.new_kv_cache(1, size)
+            if reuse:
+                for old, new in zip((*cache.k, *cache.v), (*grown.k, *grown.v)):
+                    new[:, :, :reuse] = old[:, :, :reuse]
+            cache = grown
+        cache.lengths.fill_(reuse)
+        self._cache, self._cached_ids = None, []  # held by this generation until it ends
+        return cache, reuse
+
     @torch.inference_mode()
     def _run(self, gen: Generation):
         gen._begin()
-        cache = self.model.new_kv_cache(1, len(gen.prompt_ids) + gen.max_new)
-        x = torch.tensor([gen.prompt_ids])
+        ids = gen.prompt_ids
+        cache, done = self._cache_for(ids, len(ids) + gen.max_new)
+        gen.stats.cached_tokens = done
+        fed = ids[:done]
         try:
-            while not gen.done:
-                logits, _ = self.model(x, kv_cache=cache, last_only=True)
+            while done < len(ids):  # prefill what is not cached, a chunk at a time
+                chunk = ids[done:done + self.prefill_chunk]
+                logits, _ = self.model(torch.tensor([chunk]), kv_cache=cache, last_only=True)
+                done += len(chunk)
+                fed += chunk
+            while True:
                 piece = gen._accept(logits[0, -1])
                 if piece:
                     yield piece
-                x = torch.tensor([[gen.last_token]])
+                if gen.done:
+                    break
+                logits, _ = self.model(torch.tensor([[gen.last_token]]), kv_cache=cache, last_only=True)
+                fed.append(gen.last_token)
             tail = gen._finish()
             if tail:
                 yield tail
         finally:
             gen._close()
+            if int(cache.lengths[0]) == len(fed):  # keep it for the next prompt (unless a step failed midway)
+                self._cache, self._cached_ids = cache, fed
 
 
+# ----------------------------------------------------------------------------- a conversation
+class ChatSession:
+    """A multi-turn chat with an Engine, built so each turn computes only its new tokens.
+
+    The next prompt is the previous prompt's tokens, the reply's own tokens, then the tokens of the text
+    the chat template adds after them (end of turn, the new user message, the generation prompt), so the
+    Engine finds all of the earlier conversation in its cache. Where the template does not extend its
+    previous rendering (or old turns were dropped to fit the context), the prompt is tokenized afresh and
+    the cache is reused up to the first difference.
+    """
+
+    def __init__(self, engine: Engine, system: str | None = None):
+        self.engine = engine
+        self.system = system
+        self.messages: list[dict] = []
+        self._text, self._ids = "", []       # the last rendered prompt plus reply, and their tokens
+        self._prompt: tuple[str, list[int]] | None = None
+        self.clear()
+
+    def clear(self, system: str | None = ...):
+        """Start over (keeping the system prompt, or setting a new one: None removes it)."""
+        if system is not ...:
+            self.system = system
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self._text, self._ids = "", []
+
+    def _render(self) -> tuple[str, list[int]]:
+        text = self.engine.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        if self._text and text.startswith(self._text):
+            return text, self._ids + self.engine.tokenizer.encode(text[len(self._text):])
+        return text, self.engine.tokenizer.encode(text)
+
+    def ask(self, text: str, params: SamplingParams) -> Generation:
+        """Add a user message and start the reply (iterate the Generation, then call `record`). The oldest
+        turns (never the system prompt) are dropped until the prompt leaves room for the reply."""
+        self.messages.append({"role": "user", "content": text})
+        context = self.engine.context_length
+        first = 1 if self.messages[0]["role"] == "system" else 0
+        while True:
+            prompt_text, ids = self._render()
+            room = context - len(ids)
+            if room >= min(params.max_new_tokens, context // 4) or len(self.messages) - first <= 1:
+                break
+            del self.messages[first:first + 2]
+            self._text, self._ids = "", []
+        self._prompt = (prompt_text, ids)
+        return self.engine.generate(ids, params)
+
+    def record(self, gen: Generation):
+        """Add the (possibly interrupted) reply to the conversation."""
+        self.messages.append({"role": "assistant", "content": gen.text})
+        prompt_text, ids = self._prompt
+        if self.engine.tokenizer.decode(gen.token_ids) == gen.text:  # the reply's tokens spell its text
+            self._text, self._ids = prompt_text + gen.text, ids + gen.token_ids
+        else:  # cut by a stop string: tokenize the next prompt afresh
+            self._text, self._ids = "", []
+
+
+# ----------------------------------------------------------------------------- many sequences
 class QueueFull(RuntimeError):
     """The batcher's waiting queue is at its limit; try again later."""
 
@@ -258,25 +441,34 @@ class _Request:
     gen: Generation
     on_event: Callable[[Generation, str | None], None]   # (generation, text piece), then (generation, None) at the end
     cancelled: bool = False
+    fed: int = 0                                          # prompt tokens in its cache row so far
 
 
 class Batcher:
     """Runs many generations at once on a background thread (continuous batching).
 
-    A new request is prefilled on its own into a free row of a shared KV cache; then every step does one
-    forward pass that decodes a token for each active row. A finished or cancelled row is freed at once
-    and the last active row moves into its place, so the active rows are always 0..n-1.
+    The KV cache has `max_batch` rows. Rows 0..n-1 hold the sequences being decoded: every step is one
+    forward pass that decodes a token for each of them, sampled for all rows at once. A new request is
+    prefilled into row n, a chunk of `prefill_chunk` tokens between decode steps, then joins them. A
+    finished sequence's row keeps its keys and values (rows n+1.. are this prefix cache): a new request
+    takes the row whose tokens share the longest prefix with its prompt and computes only the rest.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.prefill_chunk = prefill_chunk
         self.max_len = min(max_len or engine.context_length, engine.context_length)
         self.cache = engine.model.new_kv_cache(max_batch, self.max_len)
-        self.active: list[_Request] = []
+        self.row_ids: list[list[int]] = [[] for _ in range(max_batch)]  # the tokens each row's cache holds
+        self.row_used = [0.0] * max_batch                                # when each row last served a request
+        self.active: list[_Request] = []          # decoding, in rows 0..len(active)-1
+        self.prefilling: _Request | None = None   # in row len(active)
         self.waiting: collections.deque[_Request] = collections.deque()
         self.wake = threading.Condition()
         self.tokens_generated = 0  # decoded tokens, all requests together
         self.decode_steps = 0      # batched forward passes
+        self.cached_tokens = 0     # prompt tokens reused from the prefix cache
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="picochat-batcher", daemon=True)
         self._thread.start()
@@ -284,6 +476,11 @@ class Batcher:
     @property
     def queue_length(self) -> int:
         return len(self.waiting)
+
+    @property
+    def busy(self) -> int:
+        """Requests being prefilled or decoded."""
+        return len(self.active) + (self.prefilling is not None)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
                on_event: Callable[[Generation, str | None], None]) -> _Request:
@@ -311,41 +508,46 @@ class Batcher:
         """Stop a generation (e.g. its client went away); its row is freed at the next step."""
         request.cancelled = True
 
-    # ------------------------------------------------------------------ the batcher thread
     def close(self):
         """Stop the batcher thread after the current step; requests still in flight end at once."""
         with self.wake:
             self._closed = True
             self.wake.notify()
         self._thread.join(timeout=30)
-        for r in self.active + list(self.waiting):
+        for r in self.active + [self.prefilling] * (self.prefilling is not None) + list(self.waiting):
             r.cancelled = True
             self._end(r)
         self.active.clear()
+        self.prefilling = None
         self.waiting.clear()
 
+    # ------------------------------------------------------------------ the batcher thread
     def _loop(self):
         while True:
             with self.wake:
-                while not self.waiting and not self.active and not self._closed:
+                while not self.waiting and not self.busy and not self._closed:
                     self.wake.wait()
                 if self._closed:
                     return
             try:
                 self._admit()
+                if self.prefilling is not None:
+                    self._prefill_step()
                 if self.active:
                     self._decode_step()
             except Exception as e:  # never let one bad step kill the thread: fail the requests in flight
-                for r in self.active + list(self.waiting):
+                failed = self.active + [self.prefilling] * (self.prefilling is not None)
+                self.active.clear()
+                self.prefilling = None
+                for r in failed:
                     r.gen.finish_reason = f"error: {e}"
                     self._end(r)
-                self.active.clear()
-                self.waiting.clear()
                 self.cache.lengths.zero_()
+                self.row_ids = [[] for _ in range(self.max_batch)]
 
-    @torch.inference_mode()
     def _admit(self):
-        while len(self.active) < self.max_batch:
+        """Start prefilling the next waiting request, in the free row that shares most of its prompt."""
+        while self.prefilling is None and len(self.active) < self.max_batch:
             with self.wake:
                 if not self.waiting:
                     return
@@ -354,42 +556,88 @@ class Batcher:
                 request.gen._begin()
                 self._end(request)
                 continue
-            row = len(self.active)
             gen = request.gen
             gen._begin()
-            self.cache.lengths[row] = 0
-            logits, _ = self.engine.model(torch.tensor([gen.prompt_ids]), kv_cache=self.cache.rows(row, row + 1),
-                                          last_only=True)
-            self._emit(request, gen._accept(logits[0, -1]))
-            if gen.done:
-                self._end(request)
-            else:
-                self.active.append(request)
+            first = len(self.active)
+            free = range(first, self.max_batch)
+            shared = {r: common_prefix(self.row_ids[r], gen.prompt_ids) for r in free}
+            row = max(free, key=lambda r: (shared[r], -self.row_used[r] if shared[r] == 0 else 0))
+            self._swap_rows(row, first)
+            reuse = min(shared[row], len(gen.prompt_ids) - 1)
+            self.cache.lengths[first] = reuse
+            del self.row_ids[first][reuse:]
+            request.fed = gen.stats.cached_tokens = reuse
+            self.cached_tokens += reuse
+            self.prefilling = request
+
+    @torch.inference_mode()
+    def _prefill_step(self):
+        request, row = self.prefilling, len(self.active)
+        gen = request.gen
+        if request.cancelled:
+            self.prefilling = None
+            self._end(request)
+            return
+        chunk = gen.prompt_ids[request.fed:request.fed + self.prefill_chunk]
+        logits, _ = self.engine.model(torch.tensor([chunk]), kv_cache=self.cache.rows(row, row + 1), last_only=True)
+        request.fed += len(chunk)
+        self.row_ids[row] += chunk
+        if request.fed < len(gen.prompt_ids):
+            return
+        self.prefilling = None
+        self.row_used[row] = time.monotonic()
+        self._emit(request, gen._accept(logits[0, -1]))
+        if gen.done:
+            self._end(request)   # its row stays a cached prefix
+        else:
+            self.active.append(request)  # row == len(active): it joins the decoding rows as it is
 
     @torch.inference_mode()
     def _decode_step(self):
         n = len(self.active)
-        x = torch.tensor([[r.gen.last_token] for r in self.active])
-        logits, _ = self.engine.model(x, kv_cache=self.cache.rows(0, n), last_only=True)
-        for i, request in enumerate(self.active):
-            self._emit(request, request.gen._accept(logits[i, -1]))
+        fed = [r.gen.last_token for r in self.active]
+        logits, _ = self.engine.model(torch.tensor(fed)[:, None], kv_cache=self.cache.rows(0, n), last_only=True)
+        logits = logits[:, -1]
+        vocab = logits.shape[-1]
+        gens = [r.gen for r in self.active]
+        tokens = sample_rows(logits, [g.params for g in gens], [g.generator for g in gens],
+                             [g.penalty_mask(vocab) for g in gens])
+        for i, (request, token) in enumerate(zip(self.active, tokens)):
+            self.row_ids[i].append(fed[i])
+            self._emit(request, request.gen._accept_token(token, logits[i]))
         self.tokens_generated += n
         self.decode_steps += 1
-        for i in reversed(range(n)):  # free finished rows, moving the last active row into the gap
+        now = time.monotonic()
+        for i in reversed(range(n)):  # finished rows leave the decoding block, their caches kept
             request = self.active[i]
             if request.gen.done or request.cancelled:
                 last = len(self.active) - 1
-                if i != last:
-                    self._move_row(last, i)
-                    self.active[i] = self.active[last]
+                self._swap_rows(i, last)
+                self.active[i] = self.active[last]
                 self.active.pop()
+                self.row_used[last] = now
+                if self.prefilling is not None:  # the prefilling row moves down next to the decoding ones
+                    self._swap_rows(last, last + 1)
                 self._end(request)
 
-    def _move_row(self, src: int, dst: int):
-        length = int(self.cache.lengths[src])
+    def _swap_rows(self, a: int, b: int):
+        """Exchange two rows of the KV cache (their keys, values, lengths and token lists)."""
+        if a == b:
+            return
+        la, lb = len(self.row_ids[a]), len(self.row_ids[b])
         for t in (*self.cache.k, *self.cache.v):
-            t[dst, :, :length] = t[src, :, :length]
-        self.cache.lengths[dst] = length
+            if la and lb:
+                keep = t[a, :, :la].clone()
+                t[a, :, :lb] = t[b, :, :lb]
+                t[b, :, :la] = keep
+            elif la:
+                t[b, :, :la] = t[a, :, :la]
+            elif lb:
+                t[a, :, :lb] = t[b, :, :lb]
+        lengths = self.cache.lengths
+        lengths[a], lengths[b] = lengths[b].clone(), lengths[a].clone()
+        self.row_ids[a], self.row_ids[b] = self.row_ids[b], self.row_ids[a]
+        self.row_used[a], self.row_used[b] = self.row_used[b], self.row_used[a]
 
     def _emit(self, request: _Request, piece: str):
         if piece and not request.cancelled:

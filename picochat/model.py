@@ -39,7 +39,8 @@ def make_norm(config: ModelConfig) -> nn.Module:
 def rope_frequencies(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies θ_i = base^(-2i/d) of RoPE, with Llama 3's long-context rescaling if configured."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    # (on the CPU explicitly: a model built on the meta device gets these real values, computed cheaply)
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     s = config.rope_scaling
     if s:  # "llama3": slow down low frequencies by `factor`, keep high ones, blend in between
         factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
@@ -105,15 +106,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.out_bias)
+        self.qkv_proj = None  # for inference, q/k/v may be fused into one matrix (models.fuse_projections)
 
     def forward(self, x, rope, cache: KVCache | None, plan: "AttentionPlan"):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qkv_proj is not None:  # one matrix product; the heads are then q | k | v
+            qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+            qk, v = qkv[:, :self.n_head + self.n_kv_head], qkv[:, self.n_head + self.n_kv_head:]
+            if rope is not None:  # q and k rotated together
+                qk = apply_rope(qk, *rope)
+            q, k = qk[:, :self.n_head], qk[:, self.n_head:]
+        else:
+            q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            if rope is not None:
+                cos, sin = rope
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # append this step's keys/values, then attend over everything held
             ck, cv = cache.k[self.layer], cache.v[self.layer]
             if plan.per_row is None:
@@ -175,8 +184,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
         self.gelu_approx = "none" if config.extra.get("activation_function") == "gelu" else "tanh"
+        self.gate_up_proj = None  # for inference, gate and up may be fused into one matrix
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approx))
@@ -204,15 +217,18 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        # (given an empty weight, nn.Embedding skips its own random init: init_weights does it, or a checkpoint)
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd))
         if config.position == "learned":
-            self.pos_embed = nn.Embedding(config.max_seq_len, config.n_embd)
+            self.pos_embed = nn.Embedding(config.max_seq_len, config.n_embd,
+                                          _weight=torch.empty(config.max_seq_len, config.n_embd))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
         # A tied head reuses the embedding matrix, so it owns no parameter (and no state-dict key).
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.position == "rope":
             self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self._rope_table = None  # cos and sin for positions 0..n-1, computed once (see rope_cos_sin)
         if self.embed.weight.device.type != "meta":  # built on "meta" to be filled from a checkpoint
             self.init_weights()
 
@@ -233,15 +249,23 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_kv_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        dtype = self.embed.weight.dtype
-        return KVCache.allocate(self.config, batch_size, max_len or self.config.max_seq_len, dtype,
-                                self.embed.weight.device)
+        w = self.norm.weight  # a float parameter every model has (the embedding may be quantized)
+        return KVCache.allocate(self.config, batch_size, max_len or self.config.max_seq_len, w.dtype, w.device)
 
-    def rope_cos_sin(self, positions: torch.Tensor, dtype):
-        """cos and sin of position·θ_i, shaped (B or 1, 1, T, head_dim) to broadcast over heads."""
-        freqs = positions.float()[..., None] * self.inv_freq  # (B, T, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def rope_cos_sin(self, positions: torch.Tensor, n_positions: int, dtype):
+        """cos and sin of position·θ_i, shaped (B or 1, 1, T, head_dim) to broadcast over heads.
+
+        They come from a table for positions 0..n-1, computed once (and grown when a longer sequence
+        comes), so a decode step only looks its row up.
+        """
+        table = self._rope_table
+        if table is None or table.shape[1] < n_positions or table.device != self.inv_freq.device:
+            n = max(n_positions, min(self.config.max_seq_len, 4096))
+            freqs = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)[:, None] * self.inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
+            table = self._rope_table = torch.stack((emb.cos(), emb.sin()))
+        cos_sin = table[:, positions].to(dtype)  # (2, B or 1, T, head_dim)
+        return cos_sin[0][:, None], cos_sin[1][:, None]
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None, last_only: bool = False):
         """idx (B, T) token ids -> (logits, loss).
@@ -262,7 +286,7 @@ class GPT(nn.Module):
         if self.config.position == "learned":
             x = x + self.pos_embed(positions)
         else:
-            rope = self.rope_cos_sin(positions, x.dtype)
+            rope = self.rope_cos_sin(positions, plan.n_keys, x.dtype)
         for block in self.layers:
             x = block(x, rope, kv_cache, plan)
         if kv_cache is not None:
@@ -270,7 +294,7 @@ class GPT(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]
-        logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         loss = None
         if targets is not None:
             # L(θ) = E[−log p_θ(y|x)]: mean negative log-likelihood of each next token y given its prefix x

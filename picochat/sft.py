@@ -394,7 +394,7 @@ def sft(base: str, data, config, lora: lora_lib.LoRAConfig | None = None, packin
     if resume in (None, False) and (out_dir / "latest").exists():
         raise ValueError(f"{out_dir} already holds a training run (see {out_dir / 'latest'}): pass --resume "
                          f"to continue it, or choose another --out-dir")
-    loaded = models.load(base, dtype=torch.float32)
+    loaded = models.load(base, dtype=torch.float32, quantized=False, fuse=False)  # float weights to train
     model_config = loaded.model.config
     if lora is not None and model_config.architecture == "gpt2":
         raise ValueError("LoRA fine-tuning of GPT-2 models is not supported (PEFT adapters need Hugging Face's "

@@ -279,7 +279,9 @@ class Tokenizer:
             return cls(backend, bos_token=_token_content(config.get("bos_token")),
                        eos_token=_token_content(config.get("eos_token")),
                        pad_token=_token_content(config.get("pad_token")), chat_template=chat_template,
-                       model_max_length=max_len, add_bos_token=bool(config.get("add_bos_token", False)))
+                       model_max_length=max_len, add_bos_token=bool(config.get("add_bos_token", False)),
+                       extra_end_of_turn_tokens=[t for t in config.get("picochat_end_of_turn_tokens") or []
+                                                 if isinstance(t, str) and backend.token_to_id(t) is not None])
         except ValueError as e:
             raise ValueError(f"{config_path}: {e}") from e
 
@@ -533,6 +535,8 @@ class Tokenizer:
             config["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
+        if self._extra_end_of_turn_tokens:  # e.g. Llama 3's <|eot_id|> from a GGUF's eot_token_id
+            config["picochat_end_of_turn_tokens"] = list(self._extra_end_of_turn_tokens)
         atomic_write_text(folder / "tokenizer.json", self.backend.to_str(pretty=True))
         atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 

@@ -75,14 +75,19 @@ def test_chat_ends_cleanly_at_end_of_input(tiny_dir, capsys, monkeypatch):
     assert code == 0
 
 
-def test_chat_history_reaches_the_prompt(tiny_dir, monkeypatch, capsys):
+def test_chat_history_reaches_the_prompt_and_reuses_the_cache(tiny_dir, monkeypatch, capsys):
     seen = []
-    real = Engine.chat_prompt
-    monkeypatch.setattr(Engine, "chat_prompt", lambda self, messages: seen.append(list(messages)) or real(self, messages))
-    run(["chat", "-m", str(tiny_dir), "--max-new-tokens", "3", "--system", "S"], capsys,
-        stdin="first\nsecond\n", monkeypatch=monkeypatch)
-    assert [m["role"] for m in seen[-1]] == ["system", "user", "assistant", "user"]
-    assert seen[-1][1]["content"] == "first" and seen[-1][3]["content"] == "second"
+    real = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, ids, params=None: seen.append((self, list(ids)))
+                        or real(self, ids, params))
+    code, _, err = run(["chat", "-m", str(tiny_dir), "--max-new-tokens", "3", "--system", "S", "-v"], capsys,
+                       stdin="first\nsecond\n", monkeypatch=monkeypatch)
+    assert code == 0 and len(seen) == 2
+    engine, (_, first_ids), (_, second_ids) = seen[0][0], seen[0], seen[1]
+    text = engine.tokenizer.decode(second_ids)
+    assert text.index("S") < text.index("first") < text.index("second")
+    assert second_ids[:len(first_ids)] == first_ids       # the second prompt extends the first ...
+    assert err.count("cached)") == 1                      # ... so its first turn's tokens were not computed again
 
 
 def test_info_on_a_folder(tiny_dir, capsys):

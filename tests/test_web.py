@@ -70,14 +70,17 @@ SCRIPTS = {"xss": (XSS, 0.0), "demo": (DEMO, 0.01), "count": (" ".join(map(str, 
 class ScriptedModel(torch.nn.Module):
     """Stands in for a GPT under the server's Batcher: each row's reply is the script its prompt picks.
 
-    Like a real model it keeps its per-sequence state in the KV cache: position 0 of row b holds the
-    prompt's length and which script it picked, so rows the Batcher moves keep their place.
+    Like a real model it keeps each sequence's state in the KV cache: every fed token id is written at its
+    position (keys of layer 0, first value), so a row the Batcher moves, or reuses for a prompt with the
+    same prefix, still knows its whole history: the reply picked by the last user message, and how much of
+    it has been said since the last <|assistant|>.
     """
 
     def __init__(self, config, tokenizer, scripts, default):
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
         end = tokenizer.token_to_id("<|end|>")
+        self.assistant = tokenizer.token_to_id("<|assistant|>")
         self.names = list(scripts)
         self.scripts = [tokenizer.encode(text) + [end] for text, _ in scripts.values()] + [tokenizer.encode(default) + [end]]
         self.delays = [delay for _, delay in scripts.values()] + [0.0]
@@ -92,17 +95,20 @@ class ScriptedModel(torch.nn.Module):
 
     def forward(self, idx, kv_cache=None, last_only=False):
         B, T = idx.shape
-        state = kv_cache.k[0][:, 0, 0, :2]  # (prompt length, script) per row
-        for b in range(B):
-            if kv_cache.lengths[b] == 0:  # a new sequence: its prompt
-                state[b, 0], state[b, 1] = T, self.pick(idx[b].tolist())
-        kv_cache.lengths += T
+        history = kv_cache.k[0][:, 0, :, 0]  # (rows, positions): the token fed at each position
         logits = torch.full((B, 1, self.config.vocab_size), -1e9)  # certain at any temperature
+        picked = []
         for b in range(B):
-            script = self.scripts[int(state[b, 1])]
-            step = int(kv_cache.lengths[b] - state[b, 0])
-            logits[b, 0, script[min(step, len(script) - 1)]] = 0.0
-        time.sleep(max(self.delays[int(state[b, 1])] for b in range(B)))
+            start = int(kv_cache.lengths[b])
+            history[b, start:start + T] = idx[b].float()
+            tokens = history[b, :start + T].long().tolist()
+            prompt_end = len(tokens) - tokens[::-1].index(self.assistant)  # just after the last <|assistant|>
+            script = self.pick(tokens[:prompt_end])
+            step = len(tokens) - prompt_end
+            logits[b, 0, self.scripts[script][min(step, len(self.scripts[script]) - 1)]] = 0.0
+            picked.append(script)
+        kv_cache.lengths += T
+        time.sleep(max(self.delays[s] for s in picked))
         return logits, None
 
 
@@ -340,7 +346,7 @@ def test_stop_button_aborts_and_the_server_stops_generating(open_page, scripted)
     expect(page.locator("#send")).to_be_visible()
     expect(page.locator(".msg.assistant .meta")).to_contain_text("stopped")
     deadline = time.time() + 15  # generous: a loaded CI machine notices the disconnect late
-    while scripted.state.batcher.active or scripted.state.batcher.waiting:
+    while scripted.state.batcher.busy or scripted.state.batcher.waiting:
         assert time.time() < deadline, "the server kept generating after the client went away"
         time.sleep(0.05)
     text = content.text_content()

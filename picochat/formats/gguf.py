@@ -554,6 +554,39 @@ def _read_tensor(h: GGUFHeader, info: GGUFTensorInfo, f=None) -> np.ndarray:
     return out
 
 
+def _keeps_quantized(ours: str, info: GGUFTensorInfo) -> bool:
+    """Matrices the model multiplies by (projections, the embedding / output head) in an exact integer type."""
+    from ..quant import EXACT_TYPES
+    return (len(info.dims) == 2 and info.type_name in EXACT_TYPES
+            and ours.endswith(("_proj.weight", "embed.weight", "lm_head.weight")) and ours != "pos_embed.weight")
+
+
+def _read_quantized(h: GGUFHeader, info: GGUFTensorInfo, f, tf):
+    """One matrix as a quant.QuantizedMatrix, with the row transform of the plan (unpermute, split) applied;
+    None if its scales do not fit the packed format."""
+    from ..quant import from_gguf
+    f.seek(info.offset)
+    raw = f.read(info.n_bytes)
+    if len(raw) != info.n_bytes:
+        raise GGUFError(f"{h.path} is truncated: tensor {info.name!r} needs {info.n_bytes:,} bytes at offset "
+                        f"{info.offset:,} but only {len(raw):,} could be read. Get the file again.")
+    try:
+        m = from_gguf(info.type_name, np.frombuffer(raw, dtype=np.uint8), info.shape)
+    except Exception as e:
+        raise GGUFError(f"{h.path}: could not read tensor {info.name!r} ({info.type_name}, shape "
+                        f"{list(info.shape)}): {type(e).__name__}: {e}") from e
+    _, scale, mins = m.unpack()
+    if not (torch.isfinite(scale).all() and (mins is None or torch.isfinite(mins).all())):
+        return None  # scales beyond float16's range (or a corrupt tensor): read it as floats, which checks it
+    rows = None
+    if tf and tf[0] == "unpermute":
+        rows = torch.from_numpy(_unpermute(np.arange(m.out_features)[:, None], tf[1])[:, 0].copy())
+    elif tf and tf[0] == "split":
+        n = m.out_features // tf[2]
+        rows = torch.arange(tf[1] * n, (tf[1] + 1) * n)
+    return m.take_rows(rows) if rows is not None else m
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's LlamaModel.permute: interleaved-pair rows back to HF rotate_half rows."""
     hd = w.shape[0] // n_head
@@ -579,10 +612,12 @@ class GGUFModel:
         return self.metadata.get("tokenizer.chat_template")
 
 
-def load_gguf(path: str | os.PathLike) -> GGUFModel:
+def load_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> GGUFModel:
     """Load a llama / qwen2 / gpt2 GGUF file: config, float32 state dict (dequantized), metadata.
 
     The state dict uses picochat's names and loads into picochat.model.GPT(config) with strict=True.
+    keep_quantized: matrices of the types quant.EXACT_TYPES lists (Q4_0, Q4_1, Q4_K, Q8_0, Q6_K, Q5_x)
+    come as quant.QuantizedMatrix (the same values as integer codes, never expanded to float) instead.
     Raises GGUFError (a ValueError) naming the file and the problem for anything unreadable.
     """
     h = read_gguf_header(path)
@@ -594,6 +629,11 @@ def load_gguf(path: str | os.PathLike) -> GGUFModel:
         cache: dict[str, np.ndarray] = {}
         with open(h.path, "rb") as f:
             for ours, g, shape, tf in plan:
+                if keep_quantized and _keeps_quantized(ours, h.tensors[g]):
+                    matrix = _read_quantized(h, h.tensors[g], f, tf)
+                    if matrix is not None:
+                        sd[ours] = matrix
+                        continue
                 if g not in cache:
                     cache = {g: _read_tensor(h, h.tensors[g], f)}  # a fused qkv is read once, used three times
                 w = cache[g].reshape(shape)  # a 1-D norm stored as [1, n] comes out [n]

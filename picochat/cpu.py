@@ -1,0 +1,189 @@
+"""What this CPU is good at, decided at run time — never hard-coded from one machine.
+
+picochat runs on whatever CPU the user has: one with AMX or AVX-512 bf16 multiplies bfloat16 matrices
+several times faster than float32, an AVX2-only one several times slower. So `--dtype auto` (the default
+everywhere) asks this module, which looks at the CPU's flags and, once per machine, times a few matrix
+products (about a second; the result is cached in picochat's cache folder):
+
+  * `compute_dtype()`   float32 or bfloat16 for float weights and training autocast: bfloat16 only where
+                        its matrix products are measured clearly faster (and the CPU has native bf16);
+  * `dense_rows()`      for quantized weights, from how many rows (tokens) on a product is faster as
+                        "expand the weights, then a dense bfloat16/float32 matrix product" (prompt
+                        processing on AMX) than the integer kernel (decoding), and in which dtype.
+
+`picochat info --system` prints the CPU, these choices and the measurements behind them.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+PROFILE_VERSION = 2
+BF16_MIN_SPEEDUP = 1.3   # bfloat16 must beat float32 by this much to be chosen (it costs accuracy)
+
+
+# ----------------------------------------------------------------------------- what the CPU has
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+        return frozenset(line.split(":", 1)[1].split()) if line else frozenset()
+    except OSError:
+        return frozenset()
+
+
+def features() -> dict[str, bool]:
+    """The instruction-set features that matter here."""
+    f = cpu_flags()
+    return {"avx2": "avx2" in f, "avx512": "avx512f" in f, "avx512_vnni": "avx512_vnni" in f,
+            "avx_vnni": "avx_vnni" in f, "avx512_bf16": "avx512_bf16" in f, "amx_bf16": "amx_bf16" in f,
+            "amx_int8": "amx_int8" in f}
+
+
+def native_bf16() -> bool:
+    """Whether the CPU has bfloat16 arithmetic instructions (AVX-512 BF16 or AMX)."""
+    feats = features()
+    return feats["avx512_bf16"] or feats["amx_bf16"] or torch.backends.mkldnn.is_available() and _mkldnn_bf16()
+
+
+def _mkldnn_bf16() -> bool:
+    try:  # oneDNN's own check; on x86 it means AVX-512 (core) at least, not fast bf16
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "avx512_bf16" in cpu_flags()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def describe() -> str:
+    """One line for the top of every benchmark and `info --system`: model, torch's capability, threads."""
+    feats = [k for k, v in features().items() if v]
+    return (f"{cpu_model()} | torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()} | "
+            f"{', '.join(feats) or 'no AVX2'} | {torch.get_num_threads()} threads")
+
+
+# ----------------------------------------------------------------------------- the measured profile
+def _profile_path() -> Path:
+    from .models import cache_dir
+    key = hashlib.sha256(f"{PROFILE_VERSION}|{cpu_model()}|{sorted(cpu_flags())}|{torch.__version__}|"
+                         f"{torch.get_num_threads()}".encode()).hexdigest()[:16]
+    return cache_dir() / "cpu" / f"{key}.json"
+
+
+def _time(fn, min_seconds: float = 0.08) -> float:
+    """Seconds per call: the best of a few batches, after a warm-up."""
+    fn()
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        calls += 1
+        if calls >= 50:
+            break
+    return best
+
+
+def measure() -> dict:
+    """Time float32 and bfloat16 matrix products, and the integer kernel against expanding the weights."""
+    gen = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(256, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    flops = 2 * 256 * 1024 * 1024
+    result = {"fp32_gflops": flops / _time(lambda: a32 @ b32) / 1e9,
+              "bf16_gflops": flops / _time(lambda: a16 @ b16) / 1e9 if native_bf16() else None}
+    from . import kernels
+    if kernels.available():
+        from .quant import quantize
+        dense = torch.bfloat16 if _bf16_wins(result) else torch.float32
+        w = quantize(torch.randn(1536, 576, generator=gen), 4, 32)
+        shape = (w.bits, w.group, w.in_features, w.out_features, w.has_min)
+        rows = {}
+        for m in (4, 16, 64, 256):
+            x = torch.randn(m, 576, generator=gen)
+            kernel = _time(lambda: torch.ops.picochat.qlinear(x, w.packed, *shape))
+            expand = _time(lambda: torch.nn.functional.linear(
+                x.to(dense), torch.ops.picochat.dequantize(w.packed, *shape, dense)))
+            rows[m] = {"kernel_us": kernel * 1e6, "dense_us": expand * 1e6}
+        result["quantized_rows"] = rows
+        result["dense_dtype"] = str(dense).removeprefix("torch.")
+    return result
+
+
+def _bf16_wins(m: dict) -> bool:
+    return bool(m.get("bf16_gflops")) and m["bf16_gflops"] >= BF16_MIN_SPEEDUP * m["fp32_gflops"]
+
+
+@functools.cache
+def profile() -> dict:
+    """The measured profile of this machine (measured once, then read from the cache)."""
+    path = _profile_path()
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") == PROFILE_VERSION:
+            return data
+    except (OSError, json.JSONDecodeError):
+        pass
+    data = {"version": PROFILE_VERSION, "cpu": cpu_model(), "threads": torch.get_num_threads(), **measure()}
+    try:
+        from .formats.atomic import atomic_write_text
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(data, indent=1))
+    except OSError:
+        pass  # a read-only cache: measure again next time
+    return data
+
+
+# ----------------------------------------------------------------------------- the choices
+def compute_dtype() -> tuple[torch.dtype, str]:
+    """(dtype, why) for float weights and training autocast on this CPU."""
+    if os.environ.get("PICOCHAT_DTYPE") in ("float32", "bfloat16"):
+        return getattr(torch, os.environ["PICOCHAT_DTYPE"]), "set by PICOCHAT_DTYPE"
+    if not native_bf16():
+        return torch.float32, "no native bfloat16 instructions (AVX-512 BF16 / AMX) on this CPU"
+    p = profile()
+    ratio = (p["bf16_gflops"] or 0) / p["fp32_gflops"]
+    if _bf16_wins(p):
+        return torch.bfloat16, f"bfloat16 matrix products measured {ratio:.1f}× faster than float32"
+    return torch.float32, f"bfloat16 measured only {ratio:.1f}× float32 here (needs {BF16_MIN_SPEEDUP}×)"
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """A --dtype value ("auto", "float32", "bfloat16" or a torch.dtype) as a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return compute_dtype()[0]
+    if dtype in ("float32", "bfloat16"):
+        return getattr(torch, dtype)
+    raise ValueError(f"dtype must be auto, float32 or bfloat16, not {dtype!r}")
+
+
+def dense_rows() -> tuple[int | None, torch.dtype]:
+    """(rows, dtype): products of at least `rows` rows expand quantized weights to `dtype` and multiply
+    densely; fewer rows use the integer kernel. rows None: the kernel always wins (or is not there)."""
+    p = profile()
+    rows = p.get("quantized_rows")
+    if not rows:
+        return None, torch.float32
+    dense = getattr(torch, p["dense_dtype"])
+    threshold = None
+    for m, t in sorted(rows.items(), key=lambda kv: -int(kv[0])):  # the smallest size from which dense always wins
+        if t["dense_us"] >= t["kernel_us"]:
+            break
+        threshold = int(m)
+    return threshold, dense

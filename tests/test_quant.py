@@ -1,0 +1,206 @@
+"""Quantized weights kept quantized: the packed layout, GGUF blocks repacked, and the compiled kernel checked
+against an exact emulation of its arithmetic and against dequantize-then-matmul, on every instruction-set path."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from picochat import kernels, quant
+from picochat.quant import QuantizedMatrix
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES  # noqa: E402
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"no compiled kernel: {kernels.status()}")
+SHAPES = [(1, 37, 576), (3, 64, 100), (5, 130, 1536), (9, 9, 64), (1, 4, 40)]  # (tokens, out, in)
+
+
+def random_matrix(n, k, bits, group, has_min, seed=0) -> QuantizedMatrix:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g) if bits == 4 else torch.randint(-128, 128, (n, k), generator=g)
+    groups = -(-k // group)
+    scale = (torch.rand(n, groups, generator=g) * 0.02 + 1e-3).half()
+    mins = (torch.randn(n, groups, generator=g) * 0.05).half() if has_min else None
+    return QuantizedMatrix.from_codes(codes, scale, mins, bits, group)
+
+
+def emulate(x: torch.Tensor, m: QuantizedMatrix) -> torch.Tensor:
+    """What the kernel computes, written out: x quantized to 8 bits per group, integer dot products with the
+    codes, then Σ_g xs·(scale·Σ xq·q + min·Σ xq)."""
+    codes, scale, mins = m.unpack()
+    n, k = codes.shape
+    kp, g = quant.padded(k), m.group
+    xp = F.pad(x.float(), (0, kp - k)).view(x.shape[0], -1, g)
+    xs = xp.abs().amax(-1) / 127
+    xq = torch.round(xp * torch.where(xs > 0, 1 / xs, 0)[..., None])
+    cp = F.pad(codes, (0, kp - k)).view(n, -1, g).double()
+    dots = torch.einsum("mgk,ngk->mng", xq.double(), cp)                    # exact integers
+    y = (dots * scale.double()[None] * xs.double()[:, None]).sum(-1)
+    if mins is not None:
+        y += (mins.double()[None] * (xs.double() * xq.double().sum(-1))[:, None]).sum(-1)
+    return y.float()
+
+
+def run_kernel(x, m: QuantizedMatrix):
+    return torch.ops.picochat.qlinear(x, m.packed, m.bits, m.group, m.in_features, m.out_features, m.has_min)
+
+
+# ----------------------------------------------------------------------------- the layout
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [16, 32, 64])
+def test_pack_and_unpack_round_trip(bits, group):
+    for n, k in [(1, 64), (5, 100), (13, 576)]:
+        m = random_matrix(n, k, bits, group, has_min=bits == 4, seed=n)
+        codes, scale, mins = m.unpack()
+        again = QuantizedMatrix.from_codes(codes, scale, mins, bits, group)
+        assert torch.equal(again.packed, m.packed) and m.shape == (n, k)
+        assert m.packed.shape[0] == -(-n // quant.ROWS)
+
+
+def test_cat_and_take_rows_keep_the_values():
+    parts = [random_matrix(n, 100, 4, 32, True, seed=n) for n in (8, 4, 6)]
+    fused = QuantizedMatrix.cat(parts)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    odd = QuantizedMatrix.cat([parts[2], parts[0]])  # 6 rows first: not whole tiles, repacked
+    assert torch.equal(odd.dequantize(), torch.cat([parts[2].dequantize(), parts[0].dequantize()]))
+    rows = torch.tensor([5, 0, 3])
+    assert torch.equal(parts[2].take_rows(rows).dequantize(), parts[2].dequantize()[rows])
+    with pytest.raises(ValueError, match="different quantization formats"):
+        QuantizedMatrix.cat([parts[0], random_matrix(4, 100, 8, 32, False)])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_rounds_each_weight_to_its_nearest_code(bits):
+    w = torch.randn(40, 200) * 0.05
+    m = quant.quantize(w, bits, 32)
+    err = (m.dequantize() - w).abs()
+    _, scale, _ = m.unpack()
+    step = scale.float().repeat_interleave(32, dim=1)[:, :200]
+    assert bool((err <= step * 0.5 + 1e-6).all())   # half a step (plus float16 rounding of the scale)
+    assert (err.norm() / w.norm()) < (0.01 if bits == 8 else 0.12)
+
+
+# ----------------------------------------------------------------------------- GGUF blocks
+def gguf_blocks(qtype, rows, cols, rng):
+    """A GGUF tensor's raw bytes: gguf-py quantizes the legacy types; K-quants are random well-scaled blocks."""
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        block, size = GGML_QUANT_SIZES[qtype]
+        b = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+        if qtype == Q.Q6_K:
+            b[..., 208:210] = np.frombuffer(np.float16(1e-4).tobytes(), np.uint8)
+        else:  # d, dmin lead the block
+            b[..., 0:2] = np.frombuffer(np.float16(2e-4).tobytes(), np.uint8)
+            b[..., 2:4] = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+        return b.reshape(rows, -1)
+    return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_gguf_blocks_become_the_same_values(qtype):
+    rows, cols = 6, 512
+    raw = gguf_blocks(qtype, rows, cols, np.random.default_rng(int(qtype)))
+    want = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(rows, cols))
+    m = quant.from_gguf(qtype.name, raw.reshape(-1), (rows, cols))
+    assert m.bits == quant.EXACT_TYPES[qtype.name]
+    got = m.dequantize()
+    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0):
+        assert torch.equal(got, want)                      # their scales are float16: exact
+    else:  # scale and min: a float16 times a 6- or 8-bit integer, rounded back to float16 (2⁻¹¹ relative)
+        assert ((got - want).abs() <= 1e-3 * want.abs().amax(dim=1, keepdim=True)).all()
+
+
+# ----------------------------------------------------------------------------- the kernel
+@needs_kernel
+@pytest.mark.parametrize("bits,has_min", [(4, True), (8, False), (8, True)])
+@pytest.mark.parametrize("group", [16, 32, 64])
+def test_kernel_equals_an_exact_emulation_of_its_arithmetic(bits, has_min, group):
+    for i, (tokens, n, k) in enumerate(SHAPES):
+        m = random_matrix(n, k, bits, group, has_min, seed=i)
+        x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(i))
+        want = emulate(x, m)
+        got = run_kernel(x, m)
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, (tokens, n, k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_is_close_to_dequantize_then_matmul(bits):
+    for i, (tokens, n, k) in enumerate(SHAPES):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(i)) * 0.05
+        m = quant.quantize(w, bits, 32)
+        x = torch.randn(2, tokens, k)                        # any leading dimensions
+        want = x @ m.dequantize().T
+        got = run_kernel(x, m)
+        assert got.shape == want.shape
+        assert ((got - want).norm() / want.norm()).item() < 0.02  # 8-bit activations: ~0.5% typical
+        assert run_kernel(x.bfloat16(), m).dtype == torch.bfloat16
+
+
+@needs_kernel
+def test_kernel_dequantize_equals_plain_pytorch():
+    for bits, group, has_min in [(4, 32, True), (8, 16, False), (8, 64, True)]:
+        m = random_matrix(13, 200, bits, group, has_min)
+        spec = (m.bits, m.group, m.in_features, m.out_features, m.has_min)
+        assert torch.equal(torch.ops.picochat.dequantize(m.packed, *spec, torch.float32), m.dequantize())
+        rows = torch.tensor([12, 0, 7, 7])
+        assert torch.equal(torch.ops.picochat.dequantize(m.packed, *spec, torch.float32, rows), m.dequantize()[rows])
+        assert torch.equal(torch.ops.picochat.dequantize(m.packed, *spec, torch.bfloat16), m.dequantize().bfloat16())
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.picochat.dequantize(m.packed, *spec, torch.float32, torch.tensor([13]))
+    with pytest.raises(RuntimeError, match="packed weight must be uint8"):
+        torch.ops.picochat.qlinear(torch.randn(1, 200), m.packed[:-1], *spec)
+
+
+@needs_kernel
+def test_qlinear_and_qembedding_layers():
+    m = quant.quantize(torch.randn(48, 64) * 0.1, 8, 32)
+    layer = quant.QLinear(m, bias=torch.randn(48))
+    x = torch.randn(3, 64)
+    assert torch.allclose(layer(x), x @ m.dequantize().T + layer.bias, rtol=0.02, atol=0.02)
+    emb = quant.QEmbedding(m)
+    idx = torch.tensor([[3, 47], [0, 3]])
+    assert torch.equal(emb(idx), m.dequantize()[idx])
+
+
+SCRIPT = """
+import torch, sys
+sys.path.insert(0, {tests!r})
+from picochat import kernels
+from test_quant import random_matrix, emulate, run_kernel
+assert kernels.available(), kernels.status()
+print(torch.ops.picochat.isa())
+for i, (bits, group, has_min) in enumerate([(4, 32, True), (8, 16, False), (8, 32, True), (4, 64, True)]):
+    m = random_matrix(19, 300, bits, group, has_min, seed=i)
+    x = torch.randn(5, 300)
+    want, got = emulate(x, m), run_kernel(x, m)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5, (bits, group)
+    spec = (m.bits, m.group, m.in_features, m.out_features, m.has_min)
+    assert torch.equal(torch.ops.picochat.dequantize(m.packed, *spec, torch.float32), m.dequantize())
+print("ok")
+"""
+
+
+def _cpu_has(flag: str) -> bool:
+    from picochat.cpu import cpu_flags
+    return flag in cpu_flags()
+
+
+@needs_kernel
+@pytest.mark.parametrize("march,isa,flag", [("haswell", "avx2", "avx2"), ("alderlake", "avx-vnni", "avx_vnni"),
+                                            ("x86-64", "scalar", "avx2")])
+def test_every_instruction_set_path_computes_the_same(march, isa, flag, tmp_path):
+    """Build the kernel for other CPUs (AVX2 without VNNI, AVX-VNNI, no vector instructions) and check it."""
+    if not _cpu_has(flag):
+        pytest.skip(f"this CPU cannot run the {isa} build (no {flag})")
+    env = dict(os.environ, PICOCHAT_MARCH=march, PICOCHAT_HOME=str(tmp_path))
+    script = SCRIPT.format(tests=os.path.dirname(__file__))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [isa, "ok"]
