@@ -79,8 +79,10 @@ def describe() -> str:
 # ----------------------------------------------------------------------------- the measured profile
 def _profile_path() -> Path:
     from .models import cache_dir
+    # what the measurements depend on: the CPU, torch, threads, and the instruction sets torch and oneDNN may use
     key = hashlib.sha256(f"{PROFILE_VERSION}|{cpu_model()}|{sorted(cpu_flags())}|{torch.__version__}|"
-                         f"{torch.get_num_threads()}".encode()).hexdigest()[:16]
+                         f"{torch.get_num_threads()}|{torch.backends.cpu.get_cpu_capability()}|"
+                         f"{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}".encode()).hexdigest()[:16]
     return cache_dir() / "cpu" / f"{key}.json"
 
 
@@ -118,7 +120,7 @@ def measure() -> dict:
             kernel = _time(lambda: torch.ops.picochat.qlinear(x, w.packed, *shape))
             expand = _time(lambda: torch.nn.functional.linear(
                 x.to(dense), torch.ops.picochat.dequantize(w.packed, *shape, dense)))
-            rows[m] = {"kernel_us": kernel * 1e6, "dense_us": expand * 1e6}
+            rows[str(m)] = {"kernel_us": kernel * 1e6, "dense_us": expand * 1e6}
         result["quantized_rows"] = rows
         result["dense_dtype"] = str(dense).removeprefix("torch.")
     return result
@@ -159,7 +161,7 @@ def compute_dtype() -> tuple[torch.dtype, str]:
     ratio = (p["bf16_gflops"] or 0) / p["fp32_gflops"]
     if _bf16_wins(p):
         return torch.bfloat16, f"bfloat16 matrix products measured {ratio:.1f}× faster than float32"
-    return torch.float32, f"bfloat16 measured only {ratio:.1f}× float32 here (needs {BF16_MIN_SPEEDUP}×)"
+    return torch.float32, f"bfloat16 matrix products measured {ratio:.2g}× float32 here (needs {BF16_MIN_SPEEDUP}×)"
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -187,3 +189,35 @@ def dense_rows() -> tuple[int | None, torch.dtype]:
             break
         threshold = int(m)
     return threshold, dense
+
+
+def report() -> dict[str, str]:
+    """What `picochat info --system` prints: the CPU, what picochat chose for it and the measurements why."""
+    from . import kernels
+    p = profile()
+    dtype, why = compute_dtype()
+    feats = [k for k, v in features().items() if v]
+    out = {"cpu": f"{cpu_model()}, {torch.get_num_threads()} threads",
+           "torch": f"{torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}",
+           "features": ", ".join(feats) or "none of AVX2 / AVX-512 / VNNI / bf16 / AMX"}
+    bf16 = f", bfloat16 {p['bf16_gflops']:.0f} GFLOP/s" if p.get("bf16_gflops") else " (no native bfloat16)"
+    out["matrix products"] = f"float32 {p['fp32_gflops']:.0f} GFLOP/s{bf16} (256×1024 · 1024×1024, measured once)"
+    out["float weights"] = f"{str(dtype).removeprefix('torch.')}: {why}"
+    out["training autocast"] = str(dtype).removeprefix("torch.")
+    k = kernels.status()
+    if k["loaded"]:
+        out["quantized kernel"] = f"{k['isa']} (built for this CPU: {k['path']})"
+        rows, dense = dense_rows()
+        table = p.get("quantized_rows", {})
+        if rows is None:
+            out["prompts"] = "the integer kernel at every length (expanding the weights never won)"
+        else:
+            t = table[str(rows)]
+            out["prompts"] = (f"from {rows} tokens: weights expanded to {str(dense).removeprefix('torch.')} and "
+                              f"a dense product ({t['dense_us']:.0f} µs vs the kernel's {t['kernel_us']:.0f} µs "
+                              f"for {rows} rows of 1536×576)")
+        out["decoding"] = "the integer kernel: 8-bit activations × 4/8-bit weights, float32 in between"
+    else:
+        out["quantized kernel"] = f"not available ({k.get('error', '')[:200]}): quantized weights are expanded to floats"
+    out["profile"] = str(_profile_path())
+    return out

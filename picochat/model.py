@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+# Generating on the CPU, two steps below (RMSNorm, apply_rope) may run on picochat's compiled kernels
+# (kernels/ops.cpp): the same arithmetic in one pass instead of several PyTorch operations, which matters
+# when a token takes ~60 of each. quant.use_kernels() switches this on; training never uses them.
+CPU_KERNELS = False
+
+
+def _kernel_ok(x: torch.Tensor) -> bool:
+    return CPU_KERNELS and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 # ----------------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) · w   (Llama, Qwen2). Computed in float32 for stability."""
@@ -25,6 +35,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if _kernel_ok(x) and self.weight.dtype == torch.float32:
+            return torch.ops.picochat.rms_norm(x, self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
@@ -60,6 +72,8 @@ def rotate_half(x):
 
 def apply_rope(x, cos, sin):
     """Rotate each (x_i, x_{i+d/2}) pair by position·θ_i (the HF 'rotate_half' layout)."""
+    if _kernel_ok(x):
+        return torch.ops.picochat.rope(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
 

@@ -209,10 +209,12 @@ def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool =
         model = adapter_base(adapter)
     path = resolve(model)
     keep_quantized = quantized and adapter is None and _kernels_ready(path)
+    if fuse:  # a model for generating: the compiled kernels' RMSNorm and RoPE apply to float weights too
+        from .quant import use_kernels
+        use_kernels()
     if keep_quantized:
         act = torch.float32 if dtype in (None, "auto") else cpu.resolve_dtype(dtype)
         why = "quantized weights: float32 activations into the integer kernel" if dtype in (None, "auto") else "given"
-        _configure_dense_rows()
     else:
         act = cpu.resolve_dtype(dtype)
         why = cpu.compute_dtype()[1] if dtype in (None, "auto") else "given"
@@ -262,24 +264,13 @@ def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool =
 def _kernels_ready(path: Path) -> bool:
     """Whether quantized weights can run here (the compiled kernel loads); only GGUF files and packed folders
     have any."""
-    from . import kernels
-    if not (path.is_file() or is_packed_folder(path)):
-        return False
-    return kernels.available()
+    from .quant import use_kernels
+    return (path.is_file() or is_packed_folder(path)) and use_kernels()
 
 
 def _kernel_error() -> str:
     from . import kernels
     return kernels.status().get("error", "")
-
-
-def _configure_dense_rows():
-    from . import cpu
-    from .quant import DenseRows, register_fake_kernels
-    DenseRows.rows, DenseRows.dtype = cpu.dense_rows()
-    if not getattr(DenseRows, "fakes", False):
-        register_fake_kernels()
-        DenseRows.fakes = True
 
 
 def _cached_conversion(path: Path, fuse: bool, create: bool = False) -> Path | None:

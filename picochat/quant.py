@@ -8,7 +8,7 @@ with scale and min in float16, as GGUF stores them. That represents the GGUF typ
 quantized (Q4_0, Q4_1, Q4_K as 4-bit codes; Q8_0, Q6_K, Q5_0, Q5_1, Q5_K as 8-bit codes): exactly for
 Q4_0, Q4_1, Q8_0 and Q5_0; for the K-quants, whose scale is a float16 times a 6- or 8-bit integer, and
 Q5_1's shifted min, the value is rounded to float16 (a relative change of at most 2⁻¹¹ in a group's
-scale). The codes are packed for the kernel (kernels/qmatmul.cpp): the
+scale). The codes are packed for the kernel (kernels/qmatmul.h): the
 input dimension is padded to a multiple of 64, and each 64-wide chunk of a 4-bit row is 32 bytes whose low
 nibbles are inputs 0..31 and high nibbles inputs 32..63 of the chunk (the layout of llama.cpp's K-quants).
 
@@ -17,6 +17,7 @@ multiplies 8-bit activations by the integer codes without ever building W in flo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -294,6 +295,17 @@ class DenseRows:
     dtype: torch.dtype = torch.float32
 
 
+@contextlib.contextmanager
+def integer_kernel_only():
+    """Within this block every product runs on the integer kernel, as decoding does (for measurements)."""
+    rows = DenseRows.rows
+    DenseRows.rows = None
+    try:
+        yield
+    finally:
+        DenseRows.rows = rows
+
+
 class QLinear(nn.Module):
     """y = x·Wᵀ + b with W kept as integer codes (a QuantizedMatrix); runs on the compiled kernel."""
 
@@ -363,6 +375,41 @@ def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
         except ValueError:  # different formats (e.g. a Q4_K_M file's Q6_K attn_v beside Q4_K attn_q)
             return None
     return None
+
+
+def use_kernels() -> bool:
+    """Load the compiled kernels (building them on a machine's first use), set DenseRows for this CPU and
+    let model.py's RMSNorm and RoPE use them when generating. False where they are not available
+    (kernels.status() says why)."""
+    from . import cpu, kernels, model
+    if not kernels.available():
+        return False
+    if not getattr(DenseRows, "configured", False):
+        DenseRows.rows, DenseRows.dtype = cpu.dense_rows()
+        register_fake_kernels()
+        model.CPU_KERNELS = True
+        DenseRows.configured = True
+    return True
+
+
+def quantize_model(model: nn.Module, bits: int, group: int = 32) -> nn.Module:
+    """Quantize a float GPT in place: every projection of the blocks to `bits`-bit codes, the token
+    embedding (and the output head, tied or not) to 8 bits, as llama.cpp's Q4 files keep them."""
+    if not use_kernels():
+        from . import kernels
+        raise RuntimeError(f"quantized models need picochat's compiled kernel: {kernels.status().get('error')}")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.startswith("layers."):
+            parent, _, attr = name.rpartition(".")
+            bias = None if module.bias is None else module.bias.detach().float()
+            setattr(model.get_submodule(parent), attr, QLinear(quantize(module.weight, bits, group), bias))
+    if isinstance(model.embed, nn.Embedding):
+        model.embed = QEmbedding(quantize(model.embed.weight, 8, group))
+    if model.lm_head is None:  # tied: the head multiplies by the embedding's codes
+        model.lm_head = QLinear(model.embed.matrix)
+    elif isinstance(model.lm_head, nn.Linear):
+        model.lm_head = QLinear(quantize(model.lm_head.weight, 8, group))
+    return model
 
 
 def register_fake_kernels():

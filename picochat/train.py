@@ -73,7 +73,7 @@ class TrainConfig:
     decay_frac: float = 0.2            # wsd: the last fraction of the run that decays
     min_lr_frac: float = 0.1           # the final learning rate, as a fraction of the peak
     # numerics and hardware
-    dtype: str = "bfloat16"            # autocast dtype: "bfloat16" | "float32" (weights stay float32)
+    dtype: str = "auto"                # autocast dtype: "auto" (what this CPU/GPU is fast at) | "bfloat16" | "float32"
     compile: bool = False              # torch.compile the model
     device: str = "auto"               # "auto" (cuda if available) | "cpu" | "cuda"
     threads: int = 0                   # CPU threads per process (0 = torch's default)
@@ -122,7 +122,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
 }
 
 CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"),
-           "dtype": ("bfloat16", "float32"), "device": ("auto", "cpu", "cuda"), "distributed": ("ddp", "fsdp")}
+           "dtype": ("auto", "bfloat16", "float32"), "device": ("auto", "cpu", "cuda"), "distributed": ("ddp", "fsdp")}
 
 # ModelConfig fields the command line does not set: they come from the dataset's tokenizer, or are
 # structured values a flag cannot hold.
@@ -263,8 +263,52 @@ def param_groups(model: nn.Module, config: TrainConfig) -> dict[str, list[tuple[
     return groups
 
 
-def make_optimizers(model: nn.Module, config: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
-    """AdamW (decoupled weight decay on matrices only), plus torch.optim.Muon with --optimizer muon."""
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton–Schulz orthogonalisation in a chosen dtype.
+
+    torch runs the iteration in bfloat16, which a CPU without native bf16 (AVX2-only) multiplies several
+    times slower than float32: there it made Muon's step most of a training step. With ns_dtype bfloat16
+    this is torch's step exactly; the optimizer state (momentum_buffer) is the same either way.
+    """
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim._muon import _adjust_lr
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+
+
+def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype) -> torch.Tensor:
+    """Orthogonalise g (U·S'·Vᵀ with S' ≈ 1) by the quintic Newton–Schulz iteration, in `dtype`."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def make_optimizers(model: nn.Module, config: TrainConfig, device_type: str,
+                    dtype: torch.dtype = torch.bfloat16) -> list[torch.optim.Optimizer]:
+    """AdamW (decoupled weight decay on matrices only; fused into one kernel per step), plus Muon with
+    --optimizer muon, orthogonalising in the training dtype (bfloat16 where the CPU multiplies it fast)."""
     groups = param_groups(model, config)
     if not any(groups.values()):
         raise ValueError("the model has no trainable parameters (every requires_grad is False)")
@@ -275,12 +319,23 @@ def make_optimizers(model: nn.Module, config: TrainConfig, device_type: str) -> 
     optimizers = []
     if adam_groups:
         optimizers.append(torch.optim.AdamW(adam_groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                                            eps=1e-8, fused=device_type == "cuda" or None))
+                                            eps=1e-8, fused=True))
     if groups["muon"]:
-        optimizers.append(torch.optim.Muon([{"params": [p for _, p in groups["muon"]], "base_lr": config.muon_lr}],
-                                           lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95,
-                                           nesterov=True))
+        optimizers.append(Muon([{"params": [p for _, p in groups["muon"]], "base_lr": config.muon_lr}],
+                               ns_dtype=dtype, lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95,
+                               nesterov=True))
     return optimizers
+
+
+def training_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """The autocast dtype: as given, or for "auto" bfloat16 on a GPU that supports it and on a CPU whose
+    bfloat16 matrix products are measured faster (cpu.compute_dtype), float32 elsewhere."""
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    from .cpu import compute_dtype
+    return compute_dtype()[0]
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -735,14 +790,15 @@ def _run(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, c
     model.to(info.device).train()
     train_model = wrap_model(model, info)
     forward = torch.compile(train_model) if config.compile else train_model
-    optimizers = make_optimizers(model, config, info.device.type)
+    dtype = training_dtype(config, info.device)
+    optimizers = make_optimizers(model, config, info.device.type, dtype)
     if osd is not None:
         load_optimizer_state(model, optimizers, osd)
         for opt in optimizers:  # the peak learning rates are this run's (they may be changed on resume)
             for group in opt.param_groups:
                 group["base_lr"] = config.muon_lr if isinstance(opt, torch.optim.Muon) else config.lr
         _set_rng_state(rng, state["rng"])
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def accumulation_context(last: bool):

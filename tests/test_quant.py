@@ -204,3 +204,110 @@ def test_every_instruction_set_path_computes_the_same(march, isa, flag, tmp_path
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [isa, "ok"]
+
+
+# ----------------------------------------------------------------------------- whole models
+from picochat import models  # noqa: E402
+from picochat.engine import Engine, SamplingParams  # noqa: E402
+from picochat.packed import save_packed  # noqa: E402
+from test_gguf import write_tiny_gguf  # noqa: E402
+
+
+def relative_error(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def tiny_vocabulary(monkeypatch):
+    """The tiny test GGUFs name tokens <t0>..<t255> without a real BPE vocabulary: read them as whole words."""
+    import tokenizers
+
+    from picochat.tokenizer import Tokenizer
+    real = Tokenizer.from_gguf_metadata.__func__
+
+    def from_gguf_metadata(cls, meta, source="GGUF metadata"):
+        tokens = meta.get("tokenizer.ggml.tokens") or []
+        if tokens[:1] != ["<t0>"]:
+            return real(cls, meta, source)
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
+        backend.add_tokens([tokenizers.AddedToken(t, normalized=False) for t in tokens])
+        return cls(backend, bos_token="<t1>", eos_token="<t2>", chat_template=meta.get("tokenizer.chat_template"))
+    monkeypatch.setattr(Tokenizer, "from_gguf_metadata", classmethod(from_gguf_metadata))
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-gguf")
+    files = {}
+    for arch in ("llama", "qwen2", "gpt2"):
+        files[arch] = root / f"{arch}.gguf"
+        write_tiny_gguf(files[arch], arch)
+    return files
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_a_quantized_gguf_model_computes_what_its_float_twin_does(tiny_files, arch):
+    q = models.load(str(tiny_files[arch]), cache=False)
+    f = models.load(str(tiny_files[arch]), dtype="float32", quantized=False, fuse=False)
+    assert q.weights == "quantized" and f.weights == "float"
+    assert any(isinstance(m, quant.QLinear) for m in q.model.modules())
+    assert not any(isinstance(m, quant.QLinear) for m in f.model.modules())
+    idx = torch.randint(0, q.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got, _ = q.model(idx)
+        want, _ = f.model(idx)
+        assert relative_error(got, want) < 0.05
+        cache = q.model.new_kv_cache(2, 32)           # the same with a KV cache, a token at a time at the end
+        q.model(idx[:, :20], kv_cache=cache)
+        for t in range(20, 24):
+            step, _ = q.model(idx[:, t:t + 1], kv_cache=cache)
+            assert relative_error(step[:, 0], want[:, t]) < 0.05
+
+
+@needs_kernel
+def test_a_converted_gguf_is_cached_and_converted_again_when_it_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, "qwen2", seed=1)
+    first = models.load(str(path))
+    second = models.load(str(path))
+    assert not first.from_cache and second.from_cache and second.weights == "quantized"
+    idx = torch.tensor([[5, 9, 31, 2, 77]])
+    with torch.inference_mode():
+        assert torch.equal(first.model(idx)[0], second.model(idx)[0])
+        assert first.tokenizer.encode("<t5><t9>") == second.tokenizer.encode("<t5><t9>")
+        write_tiny_gguf(path, "qwen2", seed=2)          # a different file at the same path
+        third = models.load(str(path))
+        assert not third.from_cache and not torch.equal(third.model(idx)[0], first.model(idx)[0])
+
+
+@needs_kernel
+def test_a_packed_folder_loads_back_the_same_model(tiny_files, tmp_path):
+    q = models.load(str(tiny_files["llama"]), cache=False)
+    folder = save_packed(q.model, q.tokenizer, tmp_path / "packed")
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    back = models.load(str(folder))
+    assert back.format == "packed" and back.weights == "quantized"
+    idx = torch.tensor([[1, 2, 3, 50, 60]])
+    with torch.inference_mode():
+        assert torch.equal(back.model(idx)[0], q.model(idx)[0])
+
+
+@needs_kernel
+def test_smollm2_quantized_and_fused_answers_like_float32(smollm2_path):
+    q = models.load(str(smollm2_path), cache=False)
+    f = models.load(str(smollm2_path), dtype="float32", quantized=False, fuse=False)
+    block = q.model.layers[0]
+    assert isinstance(block.attn.qkv_proj, quant.QLinear) and isinstance(block.mlp.gate_up_proj, quant.QLinear)
+    assert isinstance(q.model.embed, quant.QEmbedding) and q.model.lm_head.qweight is q.model.embed.qweight
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    for question, answer in [("What is the capital of France?", "Paris"), ("What is 12 times 12?", None)]:
+        ids = Engine(q.model, q.tokenizer).chat_prompt([{"role": "user", "content": question}])
+        a = Engine(q.model, q.tokenizer).complete(ids, params)
+        b = Engine(f.model, f.tokenizer).complete(ids, params)
+        assert a.token_ids == b.token_ids and (answer is None or answer in a.text)
+        with torch.inference_mode():
+            la, lb = q.model(torch.tensor([ids]))[0][0], f.model(torch.tensor([ids]))[0][0]
+        assert relative_error(la, lb) < 0.06                    # 8-bit activations, as llama.cpp's (~3% here)
+        assert (la.argmax(-1) == lb.argmax(-1)).float().mean() > 0.9

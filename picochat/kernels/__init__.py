@@ -1,4 +1,4 @@
-"""picochat's compiled CPU kernel (qmatmul.cpp): built once per machine, cached, loaded in milliseconds.
+"""picochat's compiled CPU kernels (ops.cpp, qmatmul.h): built once per machine, cached, loaded in milliseconds.
 
 The kernel is compiled with `-march=native`, so it uses the best integer dot-product instructions this
 CPU has (AVX-512 VNNI, AVX-VNNI, AVX2, or plain C++). The build is keyed by the source, torch's version
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("qmatmul.cpp")
-HEADER = Path(__file__).with_name("qmatmul.h")  # the arithmetic, included by qmatmul.cpp
+SOURCE = Path(__file__).with_name("ops.cpp")
+HEADER = Path(__file__).with_name("qmatmul.h")  # the integer kernel's arithmetic, included by ops.cpp
 _lock = threading.Lock()
 _state: dict = {}   # "loaded": bool, "error": str, "path": Path
 
@@ -69,7 +69,7 @@ def library_path() -> Path:
 
 
 def build(out: Path) -> None:
-    """Compile qmatmul.cpp into `out` (written to a temporary name, then renamed: never half a library)."""
+    """Compile ops.cpp into `out` (written to a temporary name, then renamed: never half a library)."""
     from torch.utils import cpp_extension
     cxx = compiler()
     if cxx is None:

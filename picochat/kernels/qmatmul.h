@@ -1,4 +1,4 @@
-// picochat's CPU kernel, the arithmetic (qmatmul.cpp wraps it as PyTorch operators): matrix products with
+// picochat's CPU kernel, the arithmetic (ops.cpp wraps it as PyTorch operators): matrix products with
 // 4- and 8-bit integer weights, computed the way llama.cpp does.
 //
 //   y[m, n] = Σ_k x[m, k] · W[n, k]        with   W[n, k] = scale[n, g] · q[n, k] + min[n, g],   g = k / G

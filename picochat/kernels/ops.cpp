@@ -1,5 +1,11 @@
-// picochat's CPU kernel as PyTorch operators: picochat::qlinear, picochat::dequantize, picochat::isa.
-// The arithmetic, and what it computes, is in qmatmul.h.
+// picochat's CPU kernels as PyTorch operators:
+//   picochat::qlinear, picochat::dequantize   matrix products with 4/8-bit integer weights (the arithmetic,
+//                                             and what it computes, is in qmatmul.h)
+//   picochat::rms_norm, picochat::rope        two steps of the decoder (model.py's RMSNorm and apply_rope),
+//                                             each one pass over memory instead of several PyTorch operations:
+//                                             generating a token calls each of them ~60 times
+//   picochat::isa                             which instruction set this build uses
+// model.py holds the reference definitions; tests check these against them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -79,6 +85,57 @@ at::Tensor dequantize(const at::Tensor& packed, int64_t bits, int64_t group, int
   return out;
 }
 
+// y = x / sqrt(mean(x²) + eps) · w over the last dimension (float32)
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "picochat::rms_norm: float32 only");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.numel() == D, "picochat::rms_norm: weight has ", weight.numel(), " values, x rows ", D);
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t rows = xc.numel() / D;
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * D;
+      float* yr = yp + r * D;
+      float ss = 0.f;
+      for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+      const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
+      for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
+    }
+  });
+  return y;
+}
+
+// Rotary positions, the "rotate half" layout: y = x · cos + rotate_half(x) · sin, rotate_half(x) = (−x₂, x₁)
+// for the two halves of each head's vector. x (B, H, T, D), any strides; cos, sin broadcast as (B or 1, 1, T, D).
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "picochat::rope: x must be float32 (B, H, T, D)");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+  const at::Tensor c = cos.expand({B, 1, T, D}).contiguous(), s = sin.expand({B, 1, T, D}).contiguous();
+  TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat, "picochat::rope: float32 tables");
+  at::Tensor y = at::empty({B, H, T, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto st = x.strides();
+  at::parallel_for(0, B * H * T, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
+      const float* xr = xp + b * st[0] + h * st[1] + t * st[2];
+      const float* cr = cp + (b * T + t) * D;
+      const float* sr = sp + (b * T + t) * D;
+      float* yr = yp + i * D;
+      for (int64_t j = 0; j < half; ++j) yr[j] = xr[j * st[3]] * cr[j] - xr[(j + half) * st[3]] * sr[j];
+      for (int64_t j = half; j < D; ++j) yr[j] = xr[j * st[3]] * cr[j] + xr[(j - half) * st[3]] * sr[j];
+    }
+  });
+  return y;
+}
+
 std::string isa() { return isa_name(); }
 
 }  // namespace
@@ -88,10 +145,14 @@ TORCH_LIBRARY(picochat, m) {
         "-> Tensor");
   m.def("dequantize(Tensor packed, int bits, int group, int in_features, int out_features, bool has_min, "
         "ScalarType dtype, Tensor? rows=None) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("isa() -> str", &isa);  // which instruction set this build uses
 }
 
 TORCH_LIBRARY_IMPL(picochat, CPU, m) {
   m.impl("qlinear", qlinear);
   m.impl("dequantize", dequantize);
+  m.impl("rms_norm", rms_norm);
+  m.impl("rope", rope);
 }
