@@ -1,148 +1,273 @@
-"""Decode benchmark: picochat against transformers, both loading the same SmolLM2 GGUF, on the CPU.
+"""Chat speed on this CPU: picochat against llama-cpp-python, both on the same GGUF, side by side in one run.
 
-    python benchmarks/decode.py                      # all four systems, 2 threads, medians of 3
-    python benchmarks/decode.py --systems picochat-bf16 transformers-bf16 --json out.json
+    python benchmarks/decode.py                       # SmolLM2-135M-Instruct Q4_1, 2 threads, medians of 3
+    python benchmarks/decode.py --systems picochat llama-cpp-python picochat-float --json out.json
 
-For each system, in this one process and measured the same way (batch 1):
-  * load s        picochat.models.load(path, dtype) / AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)
-  * prefill tok/s one forward over a 512-token prompt with a KV cache, up to the last position's logits
-                  (picochat: Engine time_to_first_token with max_new_tokens=1; transformers: forward with
-                  use_cache=True, logits_to_keep=1, which is what generate() does for its prefill)
-  * decode tok/s  greedy generation of exactly 128 new tokens (EOS ignored) from a short chat prompt:
-                  tokens after the first / seconds after the first
-Medians of --repeats runs, after one warm-up. Both systems get the same token ids (picochat's tokenizer).
+llama-cpp-python is a benchmark extra (`pip install ".[bench]"`; it compiles llama.cpp: on a CPU with
+AMX-INT8 build it with CMAKE_ARGS="-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8", its AMX
+kernel crashes on prompts there). Measured for each system, in this process, batch 1, greedy:
+
+  * load s           loading the model ready to generate, median of --repeats. picochat's is a second start:
+                     its packed conversion of the GGUF is already in the cache; the first start (converting
+                     and caching) is timed once, with an empty cache, and shown under the table
+  * prefill tok/s    a 512-token prompt: time to its first new token, nothing cached
+  * decode tok/s     128 new tokens after a short chat prompt (end of turn ignored): tokens after the first /
+                     seconds after the first
+  * turn-2 TTFT      the second turn of a chat (first turn: a question and its 64-token reply) until its first
+                     token, each reusing what the engine kept of the first turn; and, for picochat, the same
+                     new tokens sent as a fresh prompt (the target: reuse ≤ 1.2× that)
+  * peak RSS         of a chat process (`picochat chat`; llama-cpp-python's in a script that loads and answers
+                     the same two questions), from /proc: the whole process, Python and torch included
+  * batch 8          picochat's Batcher (the server's engine): 8 requests of 128 tokens at once, all tokens over
+                     the wall time, against the same Batcher with one request
+
+Ratios are picochat ÷ llama-cpp-python (for load and time to first token, llama's ÷ picochat's: > 1 means
+picochat is faster). The machine line (CPU, torch capability, threads, kernel build) heads the report.
 """
 import argparse
 import gc
 import os
-import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the hub
-os.environ.setdefault("TQDM_DISABLE", "1")    # transformers' GGUF de-quantizing bar ignores its own switch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 
 import picochat
-from common import cpu_model, finish_report, log
-from picochat.engine import Engine, SamplingParams
+from common import finish_report, log
+from picochat import cpu, kernels
+from picochat.engine import Batcher, ChatSession, Engine, SamplingParams
 from picochat.models import find_packaged, load
 
-SYSTEMS = ["picochat-bf16", "picochat-fp32", "transformers-bf16", "transformers-fp32"]
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PARAGRAPH = ("The history of computing is a story of people finding ways to make machines do work that once "
              "required careful human attention. Early mechanical calculators could add and multiply, but each "
              "step had to be set by hand. Later, programmable machines stored their instructions in memory, "
              "and the same hardware could solve many different problems. Today a small language model can run "
              "on an ordinary laptop, answering questions, summarising documents and writing short programs. ")
 CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+TURNS = ["What are three good habits for learning to program?", "Which of them matters most, and why?"]
+BATCH_PROMPTS = ["Write a poem about the sea.", "Explain how a bicycle works.", "Give me a recipe for soup.",
+                 "Describe the city of Paris.", "What is machine learning?", "Tell me about volcanoes.",
+                 "How do I learn to swim?", "Summarise the story of Cinderella."]
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
 
 
 # ----------------------------------------------------------------------------- picochat
 class Picochat:
-    def __init__(self, path, dtype):
-        self.path, self.dtype = path, dtype
+    def __init__(self, path, args, float_weights=False):
+        self.path, self.args, self.float_weights = path, args, float_weights
 
     def load(self):
         self.engine = None
-        lm = load(str(self.path), dtype=self.dtype)
+        gc.collect()
+        lm = load(str(self.path), quantized=not self.float_weights)
         self.engine = Engine(lm.model, lm.tokenizer)
+        self.loaded = lm
 
     def prefill(self, ids):
+        self.engine.reset()
         gen = self.engine.complete(ids, SamplingParams(temperature=0, max_new_tokens=1, stop_token_ids=[]))
         return len(ids) / gen.stats.time_to_first_token
 
     def decode(self, ids, n):
+        self.engine.reset()
         gen = self.engine.complete(ids, SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=[]))
         assert gen.stats.completion_tokens == n, gen.stats
         return gen.stats.tokens_per_s
 
+    def second_turn(self):
+        """(time to the second turn's first token, the same new tokens as a fresh prompt, new tokens)."""
+        self.engine.reset()
+        chat = ChatSession(self.engine)
+        first = chat.ask(TURNS[0], SamplingParams(temperature=0, max_new_tokens=64))
+        for _ in first:
+            pass
+        chat.record(first)
+        second = chat.ask(TURNS[1], SamplingParams(temperature=0, max_new_tokens=1))
+        for _ in second:
+            pass
+        new = second.prompt_ids[second.stats.cached_tokens:]
+        self.engine.reset()
+        fresh = self.engine.complete(new, SamplingParams(temperature=0, max_new_tokens=1))
+        return second.stats.time_to_first_token, fresh.stats.time_to_first_token, len(new)
 
-# ----------------------------------------------------------------------------- transformers
-class FirstTokenTimer:
-    """A generate() streamer: the first put() gets the prompt, the second the first new token."""
-    def __init__(self):
-        self.puts, self.first = 0, None
+    def batch(self, tokenizer, n_requests, n_tokens):
+        """Aggregate tokens/s of n_requests generated together by the Batcher, its loop on this thread (as
+        `picochat serve` runs it on its one engine thread)."""
+        batcher = Batcher(self.engine, max_batch=8, start=False)
+        prompts = [self.engine.chat_prompt([{"role": "user", "content": BATCH_PROMPTS[i % len(BATCH_PROMPTS)]}])
+                   for i in range(n_requests)]
+        t0 = time.perf_counter()
+        requests = [batcher.submit(p, SamplingParams(temperature=0, max_new_tokens=n_tokens, stop_token_ids=[]),
+                                   lambda g, piece: None) for p in prompts]
+        batcher.run(until_idle=True)
+        elapsed = time.perf_counter() - t0
+        batcher.close()
+        return sum(r.gen.stats.completion_tokens for r in requests) / elapsed
 
-    def put(self, value):
-        self.puts += 1
-        if self.puts == 2:
-            self.first = time.perf_counter()
 
-    def end(self):
-        self.last = time.perf_counter()
-
-
-class Transformers:
-    def __init__(self, path, dtype):
-        self.path, self.dtype = path, dtype
+# ----------------------------------------------------------------------------- llama-cpp-python
+class LlamaCpp:
+    def __init__(self, path, args):
+        self.path, self.args = path, args
 
     def load(self):
-        from transformers import AutoModelForCausalLM
-        self.model = None
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
-                                                          dtype=self.dtype).eval()
+        from llama_cpp import Llama
+        self.llm = None
+        gc.collect()
+        self.llm = Llama(model_path=str(self.path), n_ctx=2048, n_batch=512, n_threads=self.args.threads,
+                         n_threads_batch=self.args.threads, verbose=False)
 
-    @torch.inference_mode()
     def prefill(self, ids):
-        x = torch.tensor([ids])
+        self.llm.reset()
         t0 = time.perf_counter()
-        logits = self.model(x, use_cache=True, logits_to_keep=1).logits
-        int(logits[0, -1].argmax())
+        self.llm.eval(ids)
         return len(ids) / (time.perf_counter() - t0)
 
-    @torch.inference_mode()
     def decode(self, ids, n):
-        x = torch.tensor([ids])
-        timer = FirstTokenTimer()
-        out = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
-                                  min_new_tokens=n, pad_token_id=0, streamer=timer)
-        assert out.shape[1] - x.shape[1] == n, out.shape
-        return (n - 1) / (timer.last - timer.first)
+        times = []
+        for i, _ in enumerate(self.llm.generate(ids, temp=0.0, reset=True)):
+            times.append(time.perf_counter())
+            if i + 1 == n:
+                break
+        return (n - 1) / (times[-1] - times[0])
+
+    def second_turn(self, tokenizer):
+        """Time to the first token of the second turn, llama-cpp-python reusing its matching prefix."""
+        self.llm.reset()
+        prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": TURNS[0]}],
+                                                                add_generation_prompt=True))
+        reply = []
+        for tok in self.llm.generate(prompt, temp=0.0, reset=True):
+            if tok == self.llm.token_eos() or len(reply) == 64:
+                break
+            reply.append(tok)
+        messages = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": tokenizer.decode(reply)},
+                    {"role": "user", "content": TURNS[1]}]
+        second = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        t0 = time.perf_counter()
+        next(iter(self.llm.generate(second, temp=0.0, reset=True)))
+        return time.perf_counter() - t0
 
 
-# ----------------------------------------------------------------------------- benchmark
-def bench(name, path, args, prompt_ids, chat_ids):
-    kind, dt = name.split("-")
-    system = (Picochat if kind == "picochat" else Transformers)(path, DTYPES[dt])
+# ----------------------------------------------------------------------------- peak memory of a chat process
+RSS_LLAMA = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=int(sys.argv[2]), verbose=False)
+messages = []
+for q in {turns!r}:
+    messages.append({{"role": "user", "content": q}})
+    out = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=64)
+    messages.append(out["choices"][0]["message"])
+"""
+
+
+def peak_rss_mb(cmd, stdin=None) -> float:
+    """The peak resident memory of a child process (GNU time's %M, in kB), in MB."""
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as out:
+        subprocess.run(["/usr/bin/time", "-f", "%M", "-o", out.name, *cmd], input=stdin, text=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        return int(out.read().strip().splitlines()[-1]) / 1024
+
+
+# ----------------------------------------------------------------------------- the run
+def bench(name, system, args, prompt_ids, chat_ids, tokenizer):
     loads = []
     for i in range(args.repeats):
-        _, s = timed(system.load)
-        gc.collect()
-        loads.append(s)
-        log(f"  {name}: load {i + 1}/{args.repeats} {s:.2f} s")
-    system.prefill(prompt_ids)  # warm-up
-    system.decode(chat_ids, min(16, args.new_tokens))
+        t0 = time.perf_counter()
+        system.load()
+        loads.append(time.perf_counter() - t0)
+        log(f"  {name}: load {i + 1}/{args.repeats} {loads[-1]:.2f} s")
+    system.prefill(prompt_ids[:64])  # warm-up
+    system.decode(chat_ids, 16)
     prefills, decodes = [], []
     for i in range(args.repeats):
         prefills.append(system.prefill(prompt_ids))
         decodes.append(system.decode(chat_ids, args.new_tokens))
         log(f"  {name}: run {i + 1}/{args.repeats} prefill {prefills[-1]:.1f} tok/s, decode {decodes[-1]:.1f} tok/s")
-    del system
-    gc.collect()
-    return dict(system=name, load_s=statistics.median(loads), prefill_tok_s=statistics.median(prefills),
-                decode_tok_s=statistics.median(decodes), loads=loads, prefills=prefills, decodes=decodes)
+    row = dict(system=name, load_s=median(loads), prefill_tok_s=median(prefills), decode_tok_s=median(decodes),
+               loads=loads, prefills=prefills, decodes=decodes)
+    if isinstance(system, Picochat):
+        turns = [system.second_turn() for _ in range(args.repeats)]
+        row.update(turn2_ttft_s=median([t[0] for t in turns]), fresh_ttft_s=median([t[1] for t in turns]),
+                   turn2_new_tokens=turns[0][2])
+        if args.batch and not system.float_weights:
+            one = median([system.batch(tokenizer, 1, args.new_tokens) for _ in range(args.repeats)])
+            eight = median([system.batch(tokenizer, 8, args.new_tokens) for _ in range(args.repeats)])
+            row.update(batch1_tok_s=one, batch8_tok_s=eight)
+    else:
+        row["turn2_ttft_s"] = median([system.second_turn(tokenizer) for _ in range(args.repeats)])
+    return row
 
 
-def table(results):
-    by_name = {r["system"]: r for r in results}
-    head = f"{'system':<18} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13}   {'× transformers same dtype (load / prefill / decode)'}"
+def first_start(path) -> float:
+    """picochat's load with an empty cache: convert the GGUF and write the packed folder."""
+    with tempfile.TemporaryDirectory() as home:
+        env = dict(os.environ, PICOCHAT_HOME=home)
+        from picochat.models import cache_dir
+        for part in ("kernels", "cpu"):  # the compiled kernel and the CPU profile are not what is timed
+            if (cache_dir() / part).exists():
+                os.symlink(cache_dir() / part, Path(home) / part)
+        code = ("import time, sys; t0 = time.perf_counter(); from picochat.models import load; "
+                f"load({str(path)!r}); print(time.perf_counter() - t0)")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows):
+    by = {r["system"]: r for r in rows}
+    ref = by.get("llama-cpp-python")
+    head = (f"{'system':<18} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} {'turn-2 TTFT ms':>15} "
+            f"{'peak RSS MB':>12}   {'vs llama-cpp-python (load / prefill / decode)'}")
     lines = [head, "-" * len(head)]
-    for r in results:
-        row = f"{r['system']:<18} {r['load_s']:>7.2f} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f}"
-        ref = by_name.get(r["system"].replace("picochat", "transformers"))
-        if r["system"].startswith("picochat") and ref:
-            row += (f"   {ref['load_s'] / r['load_s']:.2f}× / {r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}×"
-                    f" / {r['decode_tok_s'] / ref['decode_tok_s']:.2f}×")
-        lines.append(row)
+    for r in rows:
+        rss = f"{r['rss_mb']:.0f}" if r.get("rss_mb") else "-"
+        line = (f"{r['system']:<18} {r['load_s']:>7.2f} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
+                f"{1000 * r['turn2_ttft_s']:>15.1f} {rss:>12}")
+        if ref and r is not ref:
+            line += (f"   {ref['load_s'] / r['load_s']:.2f}× / {r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}× / "
+                     f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}×")
+        lines.append(line)
     return "\n".join(lines)
+
+
+def targets(rows, first_start_s) -> str:
+    by = {r["system"]: r for r in rows}
+    p, ref = by.get("picochat"), by.get("llama-cpp-python")
+    if not p:
+        return ""
+    out = ["", "target                                           measured                   goal      met"]
+
+    def row(what, measured, goal, ok):
+        out.append(f"{what:<48} {measured:<26} {goal:<9} {'yes' if ok else 'NO'}")
+    if ref:
+        r = p["decode_tok_s"] / ref["decode_tok_s"]
+        row("decode tok/s, batch 1 ÷ llama-cpp-python", f"{r:.2f}×", "≥ 1.1×", r >= 1.1)
+        r = p["prefill_tok_s"] / ref["prefill_tok_s"]
+        row("prefill tok/s (512 tokens) ÷ llama-cpp-python", f"{r:.2f}×", "≥ 2×", r >= 2)
+    row("second start to ready (warm cache)", f"{p['load_s']:.2f} s" + (f" (llama {ref['load_s']:.2f} s)" if ref else ""),
+        "≤ 0.5 s", p["load_s"] <= 0.5)
+    r = p["turn2_ttft_s"] / p["fresh_ttft_s"]
+    row(f"turn-2 TTFT ÷ its {p['turn2_new_tokens']} new tokens as a fresh prompt",
+        f"{r:.2f}× ({1000 * p['turn2_ttft_s']:.0f} / {1000 * p['fresh_ttft_s']:.0f} ms)", "≤ 1.2×", r <= 1.2)
+    if p.get("rss_mb"):
+        row("peak RSS of `picochat chat`", f"{p['rss_mb']:.0f} MB", "≤ 400 MB", p["rss_mb"] <= 400)
+    if p.get("batch8_tok_s"):
+        r = p["batch8_tok_s"] / p["batch1_tok_s"]
+        row("8 concurrent streams ÷ batch 1 (aggregate tok/s)",
+            f"{r:.2f}× ({p['batch8_tok_s']:.0f} / {p['batch1_tok_s']:.0f})", "≥ 4×", r >= 4)
+    if first_start_s is not None:
+        out.append(f"(picochat's first start, converting the GGUF into its cache: {first_start_s:.2f} s)")
+    return "\n".join(out)
 
 
 def main():
@@ -152,38 +277,55 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    p.add_argument("--systems", nargs="+", default=["picochat", "llama-cpp-python"],
+                   choices=["picochat", "picochat-float", "llama-cpp-python"])
+    p.add_argument("--no-batch", dest="batch", action="store_false", help="skip the batch-8 measurement")
+    p.add_argument("--no-rss", dest="rss", action="store_false", help="skip the chat processes' peak memory")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     path = find_packaged("smollm2") if args.model is None else Path(args.model)
-
-    import transformers
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    tok = load(str(path), dtype=torch.float32).tokenizer  # the same token ids go to every system
-    text_ids = tok.encode(PARAGRAPH)
+    tokenizer = load(str(path)).tokenizer
+    text_ids = tokenizer.encode(PARAGRAPH)
     prompt_ids = (text_ids * (args.prompt_tokens // len(text_ids) + 1))[:args.prompt_tokens]
-    chat_ids = tok.encode(tok.apply_chat_template(CHAT, add_generation_prompt=True))
-    gc.collect()
+    chat_ids = tokenizer.encode(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
+    machine = dict(cpu=cpu.describe(), kernel=kernels.status().get("isa"), torch=torch.__version__,
+                   picochat=picochat.__version__, dtype=cpu.compute_dtype())
+    try:
+        import llama_cpp
+        machine["llama_cpp_python"] = llama_cpp.__version__
+    except ImportError:
+        if "llama-cpp-python" in args.systems:
+            sys.exit("llama-cpp-python is not installed: pip install '.[bench]' (see the docstring for its build)")
 
-    machine = dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
-                   transformers=transformers.__version__, picochat=getattr(picochat, "__version__", "dev"),
-                   python=platform.python_version())
     t0 = time.perf_counter()
-    results = []
+    first = first_start(path) if "picochat" in args.systems else None
+    rows = []
     for name in args.systems:
         log(f"{name} ...")
-        results.append(bench(name, path, args, prompt_ids, chat_ids))
+        system = {"picochat": lambda: Picochat(path, args), "picochat-float": lambda: Picochat(path, args, True),
+                  "llama-cpp-python": lambda: LlamaCpp(path, args)}[name]()
+        rows.append(bench(name, system, args, prompt_ids, chat_ids, tokenizer))
+        del system
+        gc.collect()
+    if args.rss:
+        turns = "\n".join(TURNS) + "\n"
+        for r in rows:
+            if r["system"] == "picochat":
+                r["rss_mb"] = peak_rss_mb([sys.executable, "-m", "picochat.cli", "chat", "-m", str(path),
+                                           "--threads", str(args.threads), "--temperature", "0",
+                                           "--max-new-tokens", "64"], stdin=turns)
+            elif r["system"] == "llama-cpp-python":
+                r["rss_mb"] = peak_rss_mb([sys.executable, "-c", RSS_LLAMA.format(turns=TURNS), str(path),
+                                           str(args.threads)])
     total = time.perf_counter() - t0
-
-    print(f"\n{path.name}, batch 1, {machine['threads']} threads | {machine['cpu']} | torch {machine['torch']}, "
-          f"transformers {machine['transformers']}, python {machine['python']}")
-    print(f"load: median of {args.repeats} loads; prefill: {args.prompt_tokens}-token prompt; decode: "
-          f"{args.new_tokens} new tokens from a {len(chat_ids)}-token chat prompt; medians of {args.repeats}, "
-          f"after one warm-up. Ratios: how many times faster than transformers of the same dtype.\n")
-    finish_report(table(results), total, args.json,
-                  dict(machine=machine, args=vars(args), model=str(path), total_s=total, results=results))
+    print(f"\n{machine['cpu']} | picochat kernel {machine['kernel']} | torch {machine['torch']} | "
+          f"llama-cpp-python {machine.get('llama_cpp_python', '-')}")
+    print(f"{path.name}, batch 1, {args.threads} threads, greedy; prefill: {args.prompt_tokens}-token prompt; decode: "
+          f"{args.new_tokens} new tokens from a {len(chat_ids)}-token chat prompt; medians of {args.repeats}\n")
+    finish_report(table(rows) + "\n" + targets(rows, first), total, args.json,
+                  dict(machine=machine, args=vars(args), model=str(path), first_start_s=first, total_s=total,
+                       results=rows))
 
 
 if __name__ == "__main__":

@@ -269,7 +269,9 @@ def cmd_serve(args):
     else:
         model_id = path.stem if path.is_file() else path.name
 
-    def load_engine():
+    def load_engine():  # on the server's engine thread, which does all the model's work
+        if args.threads:
+            torch.set_num_threads(args.threads)
         loaded = models.load(args.model, dtype=args.dtype, adapter=args.adapter, quantized=not args.dequantize)
         return Engine(loaded.model, loaded.tokenizer)
 

@@ -12,6 +12,7 @@ only the new tokens. Long prompts are prefilled in chunks, so a server's active 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
         for b, s in enumerate(seen):
             if s is not None and params[b].repetition_penalty != 1.0:
                 logits[b] = apply_repetition_penalty(logits[b], s, params[b].repetition_penalty)
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = logits.max(dim=-1).indices.tolist()  # (max is ~3× faster than argmax on the CPU; same first index)
     rows = [b for b, p in enumerate(params) if p.temperature > 0]
     if not rows:
         return tokens
@@ -452,10 +453,15 @@ class Batcher:
     prefilled into row n, a chunk of `prefill_chunk` tokens between decode steps, then joins them. A
     finished sequence's row keeps its keys and values (rows n+1.. are this prefix cache): a new request
     takes the row whose tokens share the longest prefix with its prompt and computes only the rest.
+
+    start=False leaves the loop to the caller: `run()` on a thread of its choosing. All of the model's work
+    should happen on one thread: PyTorch's OpenMP runs several times slower per operation once a second
+    thread has used it (libgomp stops spin-waiting when more threads than cores are about), so `picochat
+    serve` loads the model and runs this loop on one engine thread, and `call()` runs other model work there.
     """
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, start: bool = True):
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.prefill_chunk = prefill_chunk
         self.max_len = min(max_len or engine.context_length, engine.context_length)
@@ -469,9 +475,13 @@ class Batcher:
         self.tokens_generated = 0  # decoded tokens, all requests together
         self.decode_steps = 0      # batched forward passes
         self.cached_tokens = 0     # prompt tokens reused from the prefix cache
+        self._calls: collections.deque = collections.deque()  # (fn, future) to run on the loop's thread
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="picochat-batcher", daemon=True)
-        self._thread.start()
+        self._running = threading.Event()   # set while run() is looping, on whichever thread
+        self._thread = None
+        if start:
+            self._thread = threading.Thread(target=self.run, name="picochat-batcher", daemon=True)
+            self._thread.start()
 
     @property
     def queue_length(self) -> int:
@@ -508,12 +518,27 @@ class Batcher:
         """Stop a generation (e.g. its client went away); its row is freed at the next step."""
         request.cancelled = True
 
+    def call(self, fn: Callable[[], object]) -> "concurrent.futures.Future":
+        """Run fn() on the batcher's thread between two steps (other model work, such as a prompt's
+        log-probabilities); the returned Future holds its result or exception."""
+        future = concurrent.futures.Future()
+        with self.wake:
+            self._calls.append((fn, future))
+            self.wake.notify()
+        return future
+
     def close(self):
-        """Stop the batcher thread after the current step; requests still in flight end at once."""
+        """Stop the loop after the current step; requests still in flight end at once."""
         with self.wake:
             self._closed = True
             self.wake.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        deadline = time.monotonic() + 30
+        while self._running.is_set() and time.monotonic() < deadline:  # a loop on another thread: let it stop
+            time.sleep(0.01)
+        for fn, future in self._calls:
+            future.cancel()
         for r in self.active + [self.prefilling] * (self.prefilling is not None) + list(self.waiting):
             r.cancelled = True
             self._end(r)
@@ -521,14 +546,32 @@ class Batcher:
         self.prefilling = None
         self.waiting.clear()
 
-    # ------------------------------------------------------------------ the batcher thread
-    def _loop(self):
+    # ------------------------------------------------------------------ the loop
+    def run(self, until_idle: bool = False):
+        """The batcher's loop: admit, prefill, decode, until close() (or, with until_idle, until nothing is
+        left to do)."""
+        self._running.set()
+        try:
+            self._loop(until_idle)
+        finally:
+            self._running.clear()
+
+    def _loop(self, until_idle: bool):
         while True:
             with self.wake:
-                while not self.waiting and not self.busy and not self._closed:
+                while not self.waiting and not self.busy and not self._calls and not self._closed:
+                    if until_idle:
+                        return
                     self.wake.wait()
                 if self._closed:
                     return
+            while self._calls:
+                fn, future = self._calls.popleft()
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:
+                        future.set_exception(e)
             try:
                 self._admit()
                 if self.prefilling is not None:

@@ -137,6 +137,10 @@ class Attention(nn.Module):
             if rope is not None:
                 cos, sin = rope
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and T == 1 and _kernel_ok(x):  # generating, one token per row: the compiled
+            y = torch.ops.picochat.decode_attention(    # kernel appends k, v and computes the formula below
+                q, k, v, cache.k[self.layer], cache.v[self.layer], cache.lengths)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if cache is not None:  # append this step's keys/values, then attend over everything held
             ck, cv = cache.k[self.layer], cache.v[self.layer]
             if plan.per_row is None:

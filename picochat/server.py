@@ -126,13 +126,21 @@ class ServerState:
         self.completion_tokens = 0
         self.started = time.time()
 
-        def load():
+        self.loaded = threading.Event()
+
+        def engine_thread():  # loads the model, then runs the batcher: all model work on this one thread
             try:
                 self.engine = load_engine()
-                self.batcher = Batcher(self.engine, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
+                batcher = Batcher(self.engine, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
+                                  start=False)
             except Exception as e:  # reported by /health and every request
                 self.load_error = str(e)
-        self.loader = threading.Thread(target=load, name="picochat-load", daemon=True)
+                self.loaded.set()
+                return
+            self.batcher = batcher
+            self.loaded.set()
+            batcher.run()
+        self.loader = threading.Thread(target=engine_thread, name="picochat-engine", daemon=True)
         self.loader.start()
 
     def ready(self) -> Batcher:
@@ -443,7 +451,8 @@ def create_app(load_engine, model_id: str, api_key: str | None = None, max_batch
         if echo:
             text = prompt_text
             if top_n is not None:
-                lps = await asyncio.to_thread(state.engine.prompt_logprobs, prompt_ids, top_n)
+                # on the engine's thread, between batch steps (model work on any other thread slows it all)
+                lps = await asyncio.wrap_future(batcher.call(lambda: state.engine.prompt_logprobs(prompt_ids, top_n)))
                 pos = 0
                 for tok, lp in zip(prompt_ids, lps):
                     piece = token_text(tok)

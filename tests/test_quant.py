@@ -311,3 +311,61 @@ def test_smollm2_quantized_and_fused_answers_like_float32(smollm2_path):
             la, lb = q.model(torch.tensor([ids]))[0][0], f.model(torch.tensor([ids]))[0][0]
         assert relative_error(la, lb) < 0.06                    # 8-bit activations, as llama.cpp's (~3% here)
         assert (la.argmax(-1) == lb.argmax(-1)).float().mean() > 0.9
+
+
+# ----------------------------------------------------------------------------- the decoder's other kernels
+from picochat import model as model_module  # noqa: E402
+from picochat.config import ModelConfig  # noqa: E402
+from picochat.model import GPT, rotate_half  # noqa: E402
+
+
+@needs_kernel
+def test_rms_norm_and_rope_kernels_compute_the_model_formulas():
+    x, w = torch.randn(3, 5, 96), torch.rand(96) + 0.5
+    want = w * F.rms_norm(x, (96,), eps=1e-5)
+    assert torch.allclose(torch.ops.picochat.rms_norm(x, w, 1e-5), want, rtol=1e-5, atol=1e-6)
+    qkv = torch.randn(2, 7, 10, 32)          # (B, heads, T, D); rotate a strided slice, as the fused path does
+    qk = qkv[:, :5]
+    cos, sin = torch.randn(1, 1, 10, 32), torch.randn(1, 1, 10, 32)
+    want = qk * cos + rotate_half(qk) * sin
+    assert torch.allclose(torch.ops.picochat.rope(qk, cos, sin), want, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_decode_attention_appends_and_attends_each_row_over_its_own_length():
+    B, H, KV, L, D = 3, 6, 2, 40, 32
+    kc, vc = torch.randn(B, KV, L, D), torch.randn(B, KV, L, D)
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, KV, 1, D), torch.randn(B, KV, 1, D)
+    pos = torch.tensor([0, 17, 39])
+    want_k, want_v = kc.clone(), vc.clone()
+    got = torch.ops.picochat.decode_attention(q, k, v, kc, vc, pos)
+    for b in range(B):
+        want_k[b, :, pos[b]], want_v[b, :, pos[b]] = k[b, :, 0], v[b, :, 0]
+        n = int(pos[b]) + 1
+        ref = F.scaled_dot_product_attention(q[b:b + 1], want_k[b:b + 1, :, :n], want_v[b:b + 1, :, :n], enable_gqa=True)
+        assert torch.allclose(got[b:b + 1], ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    with pytest.raises(RuntimeError, match="full"):
+        torch.ops.picochat.decode_attention(q, k, v, kc, vc, torch.tensor([0, 1, 40]))
+
+
+@needs_kernel
+def test_generation_with_and_without_the_kernels_agrees(monkeypatch):
+    quant.use_kernels()
+    config = ModelConfig(vocab_size=101, n_layer=2, n_head=6, n_kv_head=2, n_embd=48, intermediate_size=80,
+                         max_seq_len=64, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    idx = torch.randint(0, 101, (2, 12))
+    outputs = []
+    for on in (False, True):
+        monkeypatch.setattr(model_module, "CPU_KERNELS", on)
+        with torch.inference_mode():
+            cache = model.new_kv_cache(2, 32)
+            cache.lengths[1] = 0
+            logits = [model(idx[:, :8], kv_cache=cache)[0]]
+            cache.lengths[0] -= 2  # rows of different lengths: one token each, as the server's batch steps
+            for t in range(8, 12):
+                logits.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
+        outputs.append(torch.cat(logits, dim=1))
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)

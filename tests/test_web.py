@@ -136,7 +136,7 @@ class LiveServer:
         return self.app.state.picochat
 
     def wait_loaded(self):
-        self.state.loader.join(timeout=30)
+        self.state.loaded.wait(timeout=30)
         assert self.state.batcher is not None, self.state.load_error
 
     def chat(self, messages, api_key=None, **body) -> dict:

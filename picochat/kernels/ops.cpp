@@ -1,9 +1,10 @@
 // picochat's CPU kernels as PyTorch operators:
 //   picochat::qlinear, picochat::dequantize   matrix products with 4/8-bit integer weights (the arithmetic,
 //                                             and what it computes, is in qmatmul.h)
-//   picochat::rms_norm, picochat::rope        two steps of the decoder (model.py's RMSNorm and apply_rope),
-//                                             each one pass over memory instead of several PyTorch operations:
-//                                             generating a token calls each of them ~60 times
+//   picochat::rms_norm, picochat::rope,       steps of the decoder (model.py's RMSNorm, apply_rope, and its
+//   picochat::decode_attention                attention for one new token per row), each one pass over memory
+//                                             instead of several PyTorch operations: generating a token calls
+//                                             each of them 30-60 times
 //   picochat::isa                             which instruction set this build uses
 // model.py holds the reference definitions; tests check these against them.
 #include <ATen/ATen.h>
@@ -136,6 +137,102 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return y;
 }
 
+// exp(x) for x <= 0 (softmax weights), 16 / 8 lanes at a time: 2^n · p(r), x = n·ln2 + r (Cephes' polynomial)
+#if defined(PICOCHAT_AVX512)
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
+void exp_shifted(float* p, int64_t n, float m) {  // p[j] = exp(p[j] - m), p[j] <= m
+  int64_t j = 0;
+#if defined(PICOCHAT_AVX512)
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(p + j, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(p + j), _mm512_set1_ps(m))));
+#endif
+  for (; j < n; ++j) p[j] = std::exp(p[j] - m);
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {  // 16 independent partial sums: vectorizes
+  float part[16] = {0.f};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[d + l] * b[d + l];
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += part[l];
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// One new token per row: write its key and value at position pos[b] of the cache, then
+// Attention(Q, K, V) = softmax(Q·Kᵀ / √d) · V over keys 0..pos[b] of that row (each row its own length).
+// q (B, H, 1, D); k, v (B, KV, 1, D); caches (B, KV, L, D) with any row stride; H a multiple of KV.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache,
+                            at::Tensor v_cache, const at::Tensor& pos) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat, "picochat::decode_attention: q (B, H, 1, D) float32");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k_cache.size(1), L = k_cache.size(2);
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.size(0) == B &&
+              k_cache.size(3) == D && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && H % KV == 0,
+              "picochat::decode_attention: caches (B, KV, L, D) float32, contiguous rows");
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.size(1) == KV && k.size(3) == D &&
+              k.stride(3) == 1 && v.stride(3) == 1, "picochat::decode_attention: k, v (B, KV, 1, D) float32");
+  const at::Tensor positions = pos.to(at::kLong).contiguous();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(pp[b] >= 0 && pp[b] < L, "picochat::decode_attention: the KV cache is full");
+  float* kcp = k_cache.data_ptr<float>();
+  float* vcp = v_cache.data_ptr<float>();
+  const int64_t ksb = k_cache.stride(0), ksh = k_cache.stride(1), ksl = k_cache.stride(2);
+  const int64_t vsb = v_cache.stride(0), vsh = v_cache.stride(1), vsl = v_cache.stride(2);
+  for (int64_t b = 0; b < B; ++b)  // append this step's keys and values
+    for (int64_t g = 0; g < KV; ++g) {
+      std::memcpy(kcp + b * ksb + g * ksh + pp[b] * ksl, k.data_ptr<float>() + b * k.stride(0) + g * k.stride(1),
+                  D * sizeof(float));
+      std::memcpy(vcp + b * vsb + g * vsh + pp[b] * vsl, v.data_ptr<float>() + b * v.stride(0) + g * v.stride(1),
+                  D * sizeof(float));
+    }
+  const at::Tensor qc = q.contiguous();
+  at::Tensor y = at::empty({B, H, 1, D}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float scale = 1.f / std::sqrt((float)D);
+  at::parallel_for(0, B * H, 4, [&](int64_t i0, int64_t i1) {
+    std::vector<float> acc(D);
+    std::vector<float> p(*std::max_element(pp, pp + B) + 1);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / (H / KV), n = pp[b] + 1;
+      const float* qr = qp + i * D;
+      const float* kr = kcp + b * ksb + g * ksh;
+      const float* vr = vcp + b * vsb + g * vsh;
+      float m = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = dot(qr, kr + j * ksl, D) * scale;
+        m = std::max(m, p[j]);
+      }
+      exp_shifted(p.data(), n, m);
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) total += p[j];
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = p[j], *vj = vr + j * vsl;
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * vj[d];
+      }
+      for (int64_t d = 0; d < D; ++d) yp[i * D + d] = acc[d] / total;
+    }
+  });
+  return y;
+}
+
 std::string isa() { return isa_name(); }
 
 }  // namespace
@@ -147,6 +244,7 @@ TORCH_LIBRARY(picochat, m) {
         "ScalarType dtype, Tensor? rows=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos) -> Tensor");
   m.def("isa() -> str", &isa);  // which instruction set this build uses
 }
 
@@ -155,4 +253,5 @@ TORCH_LIBRARY_IMPL(picochat, CPU, m) {
   m.impl("dequantize", dequantize);
   m.impl("rms_norm", rms_norm);
   m.impl("rope", rope);
+  m.impl("decode_attention", decode_attention);
 }
