@@ -290,7 +290,7 @@ def main():
     prompt_ids = (text_ids * (args.prompt_tokens // len(text_ids) + 1))[:args.prompt_tokens]
     chat_ids = tokenizer.encode(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
     machine = dict(cpu=cpu.describe(), kernel=kernels.status().get("isa"), torch=torch.__version__,
-                   picochat=picochat.__version__, dtype=cpu.compute_dtype())
+                   picochat=picochat.__version__, float_dtype=str(cpu.compute_dtype()[0]).removeprefix("torch."))
     try:
         import llama_cpp
         machine["llama_cpp_python"] = llama_cpp.__version__

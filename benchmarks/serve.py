@@ -2,13 +2,15 @@
 
     python benchmarks/serve.py                              # 1, 4 and 8 clients, 3 requests each, 2 threads
     python benchmarks/serve.py --build-llama --json out.json   # build llama-cpp-python[server] first if missing
-    python benchmarks/serve.py --systems picochat-bf16 --concurrency 1 8 --requests 5
+    python benchmarks/serve.py --systems picochat --concurrency 1 8 --requests 5
 
 Each system is started as a subprocess on 127.0.0.1 with a free port (loopback traffic only), waited on
 until ready (picochat: GET /health 200; llama_cpp.server: GET /v1/models 200), warmed up with one
 request, loaded at each concurrency level, then stopped (SIGTERM to its pid, then wait).
 
-  * picochat-bf16 / picochat-fp32   python -m picochat serve -m GGUF --parallel 8 --threads 2 --dtype X
+  * picochat                        python -m picochat serve -m GGUF --parallel 8 --threads 2 (dtype auto:
+                                    the quantized weights on the integer kernel)
+  * picochat-float                  the same with --dequantize (weights expanded to floats, dtype auto)
   * llama-cpp-python                python -m llama_cpp.server --model GGUF --n_threads 2 --n_ctx 4096
                                     --interrupt_requests False (its default True ends a streaming reply
                                     early with [DONE] as soon as another request is waiting)
@@ -50,7 +52,7 @@ import httpx
 
 from common import busy_cpu_seconds, cpu_model, finish_report, log
 
-SYSTEMS = ["picochat-bf16", "picochat-fp32", "llama-cpp-python"]
+SYSTEMS = ["picochat", "picochat-float", "llama-cpp-python"]
 LLAMA = "llama-cpp-python"
 DEFAULT_LLAMA_VENV = Path.home() / ".cache" / "picochat" / "bench" / "llama-venv"
 PROMPTS = [  # distinct, short, and each asks for more than 64 tokens of answer
@@ -541,10 +543,10 @@ def main():
     logdir = tempfile.mkdtemp(prefix="picochat-serve-bench-")
     picochat_env = dict(os.environ)
     servers = {}
-    for dtype, name in (("bfloat16", "picochat-bf16"), ("float32", "picochat-fp32")):
+    for extra, name in (([], "picochat"), (["--dequantize"], "picochat-float")):
         servers[name] = Server(name, [sys.executable, "-m", "picochat", "serve", "-m", str(model), "--host",
                                       "127.0.0.1", "--port", "{port}", "--parallel", str(args.parallel),
-                                      "--threads", str(args.threads), "--dtype", dtype,
+                                      "--threads", str(args.threads), *extra,
                                       "--ctx-size", str(args.n_ctx)], "/health", logdir, env=picochat_env)
     if llama_py:
         servers[LLAMA] = Server(LLAMA, [llama_py, "-m", "llama_cpp.server", "--model", str(model), "--host",
@@ -576,8 +578,8 @@ def main():
                    picochat=getattr(picochat, "__version__", "dev"), torch=version("torch"),
                    fastapi=version("fastapi"), uvicorn=version("uvicorn"), httpx=version("httpx"),
                    llama_cpp_python=llama_version, llama_python=llama_py)
-    print(f"\n{model.name} | {machine['cpu']}, {machine['cores']} cores | {args.threads} threads per server | "
-          f"python {machine['python']}")
+    from picochat.cpu import describe
+    print(f"\n{model.name} | {describe()} | {args.threads} threads per server | python {machine['python']}")
     built = ""
     if build and build.get("ok"):
         built = f" (built from PyPI in {build['seconds']:.0f} s, CMAKE_ARGS={build.get('cmake_args')!r}"

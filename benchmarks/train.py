@@ -14,10 +14,12 @@ step-0 validation included, as nanoGPT's loop and train() both evaluate at step 
 with an empty torch.compile cache (--warm-cache keeps the usual one), so no row inherits another's
 compiled kernels or imports and the order of the rows does not matter. Rows:
 
-    reference        eager or torch.compile'd (--modes)
+    reference        eager or torch.compile'd (--modes), in --dtype (auto: what picochat picks for this CPU)
     picochat-gpt2    eager or compiled, the same mode as the reference it is compared with
+    reference fp32   the reference loop plain: eager, float32 (the yardstick of the speed target)
     picochat-demo    picochat's default recipe, TRAIN_PRESETS["demo"] + PRESETS["demo"]
-                     (Llama-style model, Muon + AdamW, compiled): what `picochat train` gives a user
+                     (Llama-style model, Muon + AdamW, compiled, dtype auto): what `picochat train` gives a
+                     user; the target is ≥ 2× the tokens/s of the plain float32 loop
 
 Columns:
   * step tok/s   batch_size × seq_len / the median time of one optimizer step (batch fetch, forward,
@@ -150,6 +152,14 @@ def copy_from_picochat(ref: RefGPT, sd: dict, n_layer: int):
     ref.load_state_dict(out, strict=True)
 
 
+def resolved_dtype(dtype: str) -> str:
+    """--dtype as the reference loop runs it: auto becomes what picochat chooses on this CPU."""
+    if dtype != "auto":
+        return dtype
+    from picochat.cpu import compute_dtype
+    return str(compute_dtype()[0]).removeprefix("torch.")
+
+
 def cosine_lr(step, elapsed, args):
     """Linear warmup over --lr-warmup steps, then cosine to min_lr_frac·lr over the time budget."""
     if step < args.lr_warmup:
@@ -168,7 +178,7 @@ def run_reference(args, mc: ModelConfig, compiled: bool, val: list, token_bytes)
     opt = ref.configure_optimizers(args.weight_decay, args.lr, (0.9, 0.95))
     model = torch.compile(ref) if compiled else ref
     data = TokenStream(args.data_dir, "train", args.batch_size, args.seq_len)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolved_dtype(args.dtype) == "bfloat16")
     times, step, loss_f = [], 0, float("nan")
     t_start = time.perf_counter()
     val_loss_0, _ = evaluate(ref, iter(val), token_bytes, autocast, DistInfo())  # nanoGPT evaluates at step 0 too
@@ -308,11 +318,14 @@ def summarise(name, mode, r, args, peak):
 
 def table(rows):
     refs = {r["compile"]: r for r in rows if r["system"] == "reference"}
+    plain = next((r for r in rows if r["system"] == ROWS["reference-fp32"]), None)
     head = (f"{'system':<26} {'compile':<8} {'step tok/s':>10} {'MFU %':>6} {'1st step s':>10} {'steps':>6} "
             f"{'M tok':>6} {'budget tok/s':>12} {'val bpb':>8} {'tok/s ×ref':>10} {'bpb ×ref':>9} {'other':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        ref = refs.get(r["compile"]) if r["system"] != "reference" else None
+        ref = refs.get(r["compile"]) if r["system"] not in ("reference", ROWS["reference-fp32"]) else None
+        if r["system"] == ROWS["demo"] and plain:
+            ref = plain
         ratio_t = f"{r['tok_s'] / ref['tok_s']:.2f}×" if ref else "—"
         ratio_b = f"{r['val_bpb'] / ref['val_bpb']:.3f}×" if ref else "—"
         other = "?" if r.get("other_cores") is None else f"{r['other_cores']:.2f}"
@@ -320,6 +333,12 @@ def table(rows):
                      f"{r['first_step_s']:>10.1f} {r['steps']:>6d} {r['tokens'] / 1e6:>6.2f} "
                      f"{r['budget_tok_s']:>12.0f} "
                      f"{r['val_bpb']:>8.4f} {ratio_t:>10} {ratio_b:>9} {other:>5}")
+    demo = next((r for r in rows if r["system"] == ROWS["demo"]), None)
+    if demo and plain:
+        for measure, key in (("step", "tok_s"), ("budget (compile included)", "budget_tok_s")):
+            ratio = demo[key] / plain[key]
+            lines.append(f"target: picochat-demo ÷ the plain eager float32 loop, {measure} tok/s: {ratio:.2f}× "
+                         f"(goal ≥ 2×: {'met' if ratio >= 2 else 'NOT met'})")
     return "\n".join(lines)
 
 
@@ -331,7 +350,8 @@ def prepare_data(data_dir):
     prepare(PrepareConfig(sources=["sharegpt"], out=data_dir, max_chars=20_000_000, vocab_size=8192))
 
 
-ROWS = {"reference": "reference", "picochat-gpt2": "picochat-gpt2", "demo": "picochat-demo (llama+muon)"}
+ROWS = {"reference": "reference", "picochat-gpt2": "picochat-gpt2", "demo": "picochat-demo (llama+muon)",
+        "reference-fp32": "reference fp32"}
 
 
 def run_row(args, kind: str, mode: str) -> dict:
@@ -339,7 +359,9 @@ def run_row(args, kind: str, mode: str) -> dict:
     tokenizer = Tokenizer.from_file(Path(args.data_dir) / "tokenizer")
     base = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len)
     mc = model_config_for(tokenizer, gpt2_config(args, 0), base)  # the vocabulary rounded as train() does it
-    if kind == "reference":
+    if kind in ("reference", "reference-fp32"):
+        if kind == "reference-fp32":
+            args = argparse.Namespace(**{**vars(args), "dtype": "float32"})
         val_stream = TokenStream(args.data_dir, "val", args.batch_size, args.seq_len)
         val = [val_stream.next_batch() for _ in range(n_val_batches(val_stream, args.eval_batches))]
         tb = torch.from_numpy(tokenizer.token_byte_lengths())  # UTF-8 bytes of each token, for bits per byte
@@ -381,12 +403,15 @@ def main():
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True,
                    help="also run picochat's demo recipe (TRAIN_PRESETS['demo'], compiled as the preset says)")
+    p.add_argument("--target-only", action="store_true",
+                   help="only the speed target's two rows: the plain float32 loop and picochat's demo recipe")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="autocast dtype of the reference and picochat-gpt2 rows (auto: picochat's choice here)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (gpt2 rows)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--lr-warmup", type=int, default=50, help="learning-rate warmup steps (gpt2 rows)")
@@ -426,7 +451,10 @@ def main():
     mc = model_config_for(tokenizer, gpt2_config(args, 0), TrainConfig())
     n_eval = n_val_batches(TokenStream(args.data_dir, "val", args.batch_size, args.seq_len), args.eval_batches)
     runs = [(kind, mode) for mode in args.modes for kind in ("reference", "picochat-gpt2")]
-    if args.demo:
+    if args.target_only:
+        runs = []
+    if args.demo or args.target_only:
+        runs.append(("reference-fp32", "eager"))
         runs.append(("demo", "compiled" if TRAIN_PRESETS["demo"].compile else "eager"))
     rows, peak_log = [], [peaks["bf16"]]
     for kind, mode in runs:
@@ -454,15 +482,16 @@ def main():
     load_end = os.getloadavg()
 
     demo_shape = PRESETS["demo"]
-    print(f"\npicochat {getattr(picochat, '__version__', 'dev')} | torch {torch.__version__} | python "
-          f"{platform.python_version()} | {torch.get_num_threads()} threads | {platform.machine()}")
+    from picochat.cpu import compute_dtype, describe
+    print(f"\n{describe()} | picochat {getattr(picochat, '__version__', 'dev')} | python {platform.python_version()}")
+    print(f"dtype auto here: {str(compute_dtype()[0]).removeprefix('torch.')} ({compute_dtype()[1]})")
     print(f"bf16 matmul peak (2048³, median of 9; measured {len(peak_log)} times: at start, before each row, at "
           f"end): {peak / 1e9:.1f} GFLOP/s (the highest; all: {', '.join(f'{x / 1e9:.0f}' for x in peak_log)}); "
           f"fp32 {max(peaks['fp32'], peaks_end['fp32']) / 1e9:.1f} GFLOP/s; MFU is against the bf16 peak")
     print(f"load average (1/5/15 min): start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} "
           f"(waited {waited:.0f} s for < {args.wait_load}), end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     print(f"gpt2 rows: n_layer {args.n_layer}, n_embd {args.n_embd}, n_head {args.n_head}, vocab {mc.vocab_size}, "
-          f"seq {args.seq_len}, batch {args.batch_size}, {args.dtype} autocast, AdamW lr {args.lr:g} wd "
+          f"seq {args.seq_len}, batch {args.batch_size}, {resolved_dtype(args.dtype)} autocast, AdamW lr {args.lr:g} wd "
           f"{args.weight_decay:g} betas (0.9, 0.95), clip 1.0, warmup {args.lr_warmup} then cosine over the time "
           f"budget to {args.min_lr_frac:g}·lr; {'same' if args.same_init else 'own'} initial weights; "
           f"{rows[0]['n_params'] / 1e6 if rows else 0:.2f}M parameters")

@@ -52,12 +52,14 @@ def bits_per_byte(model, tokenizer, text: str, window: int = 512, max_tokens: in
 
 
 def held_out_text(source: str = "sharegpt", chars: int = 40_000, val_fraction: float = 0.005) -> str:
-    """About `chars` characters of a corpus (a file, folder or named source: sharegpt, python-stdlib,
-    chatterbot): documents its hash puts in the validation split of `picochat data prepare` (at its default
-    val_fraction), so a model trained on the prepared training split has not seen them."""
+    """About `chars` characters of held-out text. A file or folder is taken as it is (it is yours, held out by
+    you); of a named corpus (sharegpt, python-stdlib, chatterbot) only the documents its hash puts in the
+    validation split of `picochat data prepare` (at its default val_fraction), so that a model trained on
+    the prepared training split has not seen them."""
+    from .data import NAMED_SOURCES
     picked: list[str] = []
     total = 0
-    cut = int(val_fraction * 2**64)
+    cut = int(val_fraction * 2**64) if source in NAMED_SOURCES else 2**64
     docs: Iterable[str] = iter_documents(source)
     for doc in docs:
         if _val_hash(doc) < cut:

@@ -37,6 +37,9 @@ def describe(model: str | None) -> dict[str, str]:
                 "adapter type": f"LoRA r={cfg.get('r')}, alpha={cfg.get('lora_alpha')} on {', '.join(targets)} "
                                 f"({_count(n)} parameters)",
                 **describe(models.adapter_base(path))}
+    from .packed import is_packed_folder
+    if is_packed_folder(path):
+        return describe_packed(path)
     if path.is_dir():
         config = read_config(path)
         types, n_params = Counter(), 0
@@ -82,4 +85,36 @@ def describe(model: str | None) -> dict[str, str]:
         "tied embeddings": "yes" if config.tie_word_embeddings else "no",
         "chat template": "yes" if template else "no",
         "size on disk": _count(sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())) + "B",
+    }
+
+
+def describe_packed(path) -> dict[str, str]:
+    """A packed folder (picochat quantize, or a cached GGUF conversion): what its matrices hold."""
+    from .formats.hf import read_config
+    try:
+        hf = json.loads((path / "config.json").read_text())
+        specs = hf["quantization_config"].get("modules", {})
+        config = read_config(path)
+        with safe_open(path / "model.safetensors", "pt") as sf:
+            floats = sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys() if not k.endswith(".qweight"))
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable packed model ({e})") from None
+    kinds = Counter(f"{s['bits']}-bit (groups of {s['group']})" for s in specs.values() if "bits" in s)
+    n = floats + sum(s["in_features"] * s["out_features"] for s in specs.values() if "bits" in s)
+    qc = hf["quantization_config"]
+    source = f", from {qc['source']}" if qc.get("source") else ""
+    return {
+        "model": str(path),
+        "format": f"picochat packed folder (quantized{source})",
+        "architecture": config.architecture,
+        "parameters": _count(n),
+        "tensor types": _types(dict(kinds)) + f", {floats:,} float values",
+        "context length": str(config.max_seq_len),
+        "vocabulary": str(config.vocab_size),
+        "layers": f"{config.n_layer} × (hidden {config.n_embd}, {config.n_head} heads, {config.n_kv_head} kv heads, "
+                  f"mlp {config.intermediate_size}, {config.mlp})",
+        "tied embeddings": "yes" if config.tie_word_embeddings else "no",
+        "chat template": "yes" if (path / "tokenizer_config.json").is_file()
+                         and "chat_template" in (path / "tokenizer_config.json").read_text() else "no",
+        "size on disk": _count(sum(f.stat().st_size for f in path.rglob("*") if f.is_file())) + "B",
     }

@@ -149,3 +149,31 @@ def test_a_training_run_folder_opens_its_newest_checkpoint(tiny_dir, tmp_path, c
     assert models.resolve(str(run_dir)) == run_dir / "step_000010"
     code, out, _ = run(["info", str(run_dir)], capsys)
     assert code == 0 and "step_000010" in out
+
+
+def test_info_system_says_what_was_chosen_for_this_cpu(capsys):
+    code, out, _ = run(["info", "--system"], capsys)
+    assert code == 0
+    for key in ("cpu", "torch", "features", "matrix products", "float weights", "training autocast",
+                "quantized kernel"):
+        assert key in out, key
+    assert ("float32" in out or "bfloat16" in out) and "GFLOP/s" in out
+
+
+def test_quantize_writes_a_packed_model_and_measures_its_cost(tiny_dir, tmp_path, capsys):
+    from picochat import kernels
+    if not kernels.available():
+        pytest.skip(f"no compiled kernel: {kernels.status()}")
+    text = tmp_path / "held-out.txt"
+    text.write_text(TEXT * 4)
+    out_dir = tmp_path / "q4"
+    code, out, err = run(["quantize", str(tiny_dir), "--to", "int4", "--out", str(out_dir), "--eval", str(text)],
+                         capsys)
+    assert code == 0 and out.strip() == str(out_dir)
+    assert "bits per byte" in err and "float32" in err and "int4" in err
+    loaded = models.load(str(out_dir))
+    assert loaded.format == "packed" and loaded.weights == "quantized"
+    ids = loaded.tokenizer.encode("Hello there!")
+    assert Engine(loaded.model, loaded.tokenizer).complete(ids, SamplingParams(temperature=0, max_new_tokens=5)).token_ids
+    code, out, _ = run(["info", str(out_dir)], capsys)
+    assert code == 0 and "packed folder" in out and "4-bit" in out
