@@ -31,7 +31,7 @@ from .model import GPT, rope_frequencies
 from .quant import QEmbedding, QLinear, QuantizedMatrix
 from .tokenizer import Tokenizer
 
-FORMAT = "picochat-packed-v2"
+FORMAT = "picochat-packed-v3"
 
 
 def is_packed_folder(path) -> bool:

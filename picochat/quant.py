@@ -8,9 +8,9 @@ with scale and min in float16, as GGUF stores them. That represents the GGUF typ
 quantized (Q4_0, Q4_1, Q4_K as 4-bit codes; Q8_0, Q6_K, Q5_0, Q5_1, Q5_K as 8-bit codes): exactly for
 Q4_0, Q4_1, Q8_0 and Q5_0; for the K-quants, whose scale is a float16 times a 6- or 8-bit integer, and
 Q5_1's shifted min, the value is rounded to float16 (a relative change of at most 2⁻¹¹ in a group's
-scale). The codes are packed for the kernel (kernels/qmatmul.h): the
-input dimension is padded to a multiple of 64, and each 64-wide chunk of a 4-bit row is 32 bytes whose low
-nibbles are inputs 0..31 and high nibbles inputs 32..63 of the chunk (the layout of llama.cpp's K-quants).
+scale). The codes are packed for the kernel (kernels/qmatmul.h) in blocks of 16 output rows, each group
+of inputs in "VNNI" order: 4 consecutive codes of each of the 16 rows side by side, so that one 64-byte
+load feeds one integer dot-product instruction for 16 rows at once (and is a row of an AMX tile).
 
 `QLinear` is the linear layer y = x·Wᵀ (+ b) over such a matrix; it runs on the compiled kernel, which
 multiplies 8-bit activations by the integer codes without ever building W in floating point.
@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHUNK = 64     # inputs per chunk (the kernel's inner step)
-ROWS = 4       # output rows per tile
+CHUNK = 64     # the input dimension is padded to a multiple of this
+ROWS = 16      # output rows per block: the 16 lanes of an AVX-512 register, the 16 columns of an AMX tile
 # GGUF types kept as integers, and the code width they become
 EXACT_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q8_0": 8, "Q6_K": 8, "Q5_0": 8, "Q5_1": 8, "Q5_K": 8}
 
@@ -36,61 +36,66 @@ def padded(k: int, multiple: int = CHUNK) -> int:
 
 
 # ----------------------------------------------------------------------------- the packed layout
-def tile_layout(bits: int, group: int, in_features: int, has_min: bool) -> dict[str, int]:
-    """Byte offsets inside one tile of ROWS rows: scales, then mins (if any), then the codes."""
-    kp = padded(in_features)
-    groups, chunks = kp // group, kp // CHUNK
-    min_offset = ROWS * groups * 2
-    codes_offset = min_offset * (2 if has_min else 1)
-    chunk_bytes = 32 if bits == 4 else 64
-    return {"groups": groups, "chunks": chunks, "chunk_bytes": chunk_bytes, "min_offset": min_offset,
-            "codes_offset": codes_offset, "tile_bytes": codes_offset + chunks * ROWS * chunk_bytes}
+def block_layout(bits: int, group: int, in_features: int, has_min: bool) -> dict[str, int]:
+    """Bytes of one block of ROWS rows: per group of inputs, the rows' scales, their mins (if any), then the
+    codes in VNNI order (see kernels/qmatmul.h)."""
+    groups = padded(in_features) // group
+    code_bytes = group // 4 * 64 * bits // 8
+    group_bytes = 32 * (2 if has_min else 1) + code_bytes
+    return {"groups": groups, "group_bytes": group_bytes, "code_bytes": code_bytes,
+            "block_bytes": groups * group_bytes}
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
-    """Integer codes [N, K] with float16 scale (and min) [N, ≥K/group] -> the kernel's packed uint8 tiles."""
+    """Integer codes [N, K] with float16 scale (and min) [N, ≥K/group] -> the kernel's packed uint8 blocks.
+
+    Per block of ROWS rows and per group g of `group` inputs: scale[16] and min[16] as float16, then the
+    codes as group/4 "B rows" of 64 bytes, B row j holding for each row n its codes of inputs g·G+4j..4j+3
+    (byte 4n+i). 4-bit codes pair B rows 2t and 2t+1 in one 64 bytes: low and high nibbles.
+    """
     n, k = codes.shape
-    lay = tile_layout(bits, group, k, mins is not None)
-    groups, chunks, cb = lay["groups"], lay["chunks"], lay["chunk_bytes"]
-    tiles = -(-n // ROWS)
-    full = torch.zeros(tiles * ROWS, chunks * CHUNK, dtype=torch.int16)
+    lay = block_layout(bits, group, k, mins is not None)
+    groups = lay["groups"]
+    blocks = -(-n // ROWS)
+    full = torch.zeros(blocks * ROWS, groups * group, dtype=torch.int16)
     full[:n, :k] = codes.to(torch.int16)
+    # (block, row, group, j, i) -> (block, group, j, row, i): B row j = the 4 codes (i) of every row
+    brows = full.view(blocks, ROWS, groups, group // 4, 4).permute(0, 2, 3, 1, 4).reshape(blocks, groups, group // 4, 64)
     if bits == 4:
-        halves = full.view(-1, chunks, 2, 32)             # low nibble: inputs 0..31 of a chunk, high: 32..63
-        row_bytes = (halves[:, :, 0] | (halves[:, :, 1] << 4)).to(torch.uint8)
+        pairs = brows.view(blocks, groups, group // 8, 2, 64)
+        code_part = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).to(torch.uint8).reshape(blocks, groups, -1)
     else:
-        row_bytes = full.to(torch.int8).view(torch.uint8).view(-1, chunks, 64)
-    code_part = row_bytes.view(tiles, ROWS, chunks, cb).transpose(1, 2).reshape(tiles, -1)
+        code_part = brows.to(torch.int8).view(torch.uint8).reshape(blocks, groups, -1)
     parts = []
     for values in (scale, mins):
         if values is None:
             continue
-        v = torch.zeros(tiles * ROWS, groups, dtype=torch.float16)
+        v = torch.zeros(blocks * ROWS, groups, dtype=torch.float16)
         v[:n, :values.shape[1]] = values.to(torch.float16)
-        parts.append(v.view(tiles, ROWS * groups).view(torch.uint8))
-    return torch.cat(parts + [code_part], dim=1).contiguous()
+        parts.append(v.view(blocks, ROWS, groups).transpose(1, 2).contiguous().view(torch.uint8))  # (b, g, 32)
+    return torch.cat(parts + [code_part], dim=2).reshape(blocks, -1).contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int, group: int, in_features: int, out_features: int,
            has_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The inverse of pack: (codes [N, K] int32, scale [N, Kp/group] float16, min or None)."""
-    lay = tile_layout(bits, group, in_features, has_min)
-    groups, chunks, cb = lay["groups"], lay["chunks"], lay["chunk_bytes"]
-    tiles = packed.shape[0]
+    lay = block_layout(bits, group, in_features, has_min)
+    groups, blocks = lay["groups"], packed.shape[0]
+    g = packed.view(blocks, groups, lay["group_bytes"])
 
     def halves(offset):
-        return packed[:, offset:offset + ROWS * groups * 2].contiguous().view(torch.float16) \
-            .view(tiles * ROWS, groups)[:out_features]
+        return g[:, :, offset:offset + 32].contiguous().view(torch.float16).transpose(1, 2) \
+            .reshape(blocks * ROWS, groups)[:out_features]
     scale = halves(0)
-    mins = halves(lay["min_offset"]) if has_min else None
-    code_part = packed[:, lay["codes_offset"]:].reshape(tiles, chunks, ROWS, cb).transpose(1, 2)
-    code_part = code_part.reshape(tiles * ROWS, chunks, cb)[:out_features]
+    mins = halves(32) if has_min else None
+    code_part = g[:, :, 32 * (2 if has_min else 1):]
     if bits == 4:
-        b = code_part.to(torch.int32)
-        codes = torch.stack([b & 0x0F, b >> 4], dim=2).reshape(out_features, -1)
+        b = code_part.reshape(blocks, groups, group // 8, 64).to(torch.int32)
+        brows = torch.stack([b & 0x0F, b >> 4], dim=3).reshape(blocks, groups, group // 4, 64)
     else:
-        codes = code_part.contiguous().view(torch.int8).to(torch.int32).reshape(out_features, -1)
-    return codes[:, :in_features], scale, mins
+        brows = code_part.contiguous().view(torch.int8).to(torch.int32).reshape(blocks, groups, group // 4, 64)
+    codes = brows.view(blocks, groups, group // 4, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(blocks * ROWS, -1)
+    return codes[:out_features, :in_features], scale, mins
 
 
 # ----------------------------------------------------------------------------- the quantized matrix
@@ -101,10 +106,10 @@ class QuantizedMatrix:
                  has_min: bool):
         if bits not in (4, 8) or group not in (16, 32, 64):
             raise ValueError(f"unsupported quantization: {bits}-bit codes in groups of {group}")
-        lay = tile_layout(bits, group, in_features, has_min)
-        if tuple(packed.shape) != (-(-out_features // ROWS), lay["tile_bytes"]) or packed.dtype != torch.uint8:
+        lay = block_layout(bits, group, in_features, has_min)
+        if tuple(packed.shape) != (-(-out_features // ROWS), lay["block_bytes"]) or packed.dtype != torch.uint8:
             raise ValueError(f"packed {bits}-bit matrix of {out_features}×{in_features} should be uint8 "
-                             f"[{-(-out_features // ROWS)}, {lay['tile_bytes']}], got {packed.dtype} "
+                             f"[{-(-out_features // ROWS)}, {lay['block_bytes']}], got {packed.dtype} "
                              f"{list(packed.shape)}")
         self.packed, self.bits, self.group, self.has_min = packed, bits, group, has_min
         self.in_features, self.out_features = in_features, out_features
@@ -157,7 +162,7 @@ class QuantizedMatrix:
         n = sum(p.out_features for p in parts)
         if all(p.has_min == first.has_min for p in parts) and all(p.out_features % ROWS == 0 for p in parts[:-1]):
             return cls(torch.cat([p.packed for p in parts]), first.bits, first.group, first.in_features, n,
-                       first.has_min)  # whole tiles: the packed bytes simply follow each other
+                       first.has_min)  # whole blocks: the packed bytes simply follow each other
         unpacked = [p.unpack() for p in parts]
         has_min = any(m is not None for _, _, m in unpacked)
         mins = torch.cat([m if m is not None else torch.zeros_like(s) for _, s, m in unpacked]) if has_min else None

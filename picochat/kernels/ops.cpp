@@ -28,8 +28,8 @@ Weights check_weights(const char* op, const at::Tensor& packed, int64_t bits, in
   TORCH_CHECK(in_features > 0 && out_features > 0, op, ": the matrix must have positive sizes");
   const Weights W = layout((const uint8_t*)packed.data_ptr(), bits, group, in_features, out_features, has_min);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2 &&
-              packed.size(0) == W.tiles && packed.size(1) == W.tile_bytes,
-              op, ": packed weight must be uint8 [", W.tiles, ", ", W.tile_bytes, "] for a ", out_features, "×",
+              packed.size(0) == W.blocks && packed.size(1) == W.block_bytes,
+              op, ": packed weight must be uint8 [", W.blocks, ", ", W.block_bytes, "] for a ", out_features, "×",
               in_features, " matrix, got ", packed.sizes());
   return W;
 }
@@ -73,8 +73,7 @@ at::Tensor dequantize(const at::Tensor& packed, int64_t bits, int64_t group, int
     std::vector<float> row(W.Kp);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = idx ? idx[i] : i;
-      if (bits == 4) dequantize_row<4>(W, n, row.data());
-      else dequantize_row<8>(W, n, row.data());
+      dequantize_row(W, n, row.data());
       if (dtype == at::kFloat) {
         std::memcpy(out.data_ptr<float>() + i * W.K, row.data(), W.K * sizeof(float));
       } else {
