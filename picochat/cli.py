@@ -214,8 +214,8 @@ def cmd_quantize(args):
                          "bits_per_byte": after.bits_per_byte}
         lines.append(f"bits per byte on {after.tokens:,} held-out tokens of {args.eval}: float32 "
                      f"{before.bits_per_byte:.4f}, {args.to} {after.bits_per_byte:.4f} "
-                     f"({100 * (after.bits_per_byte / before.bits_per_byte - 1):+.2f}%) with 8-bit activations "
-                     f"(the integer kernel, as decoding runs)")
+                     f"({100 * (after.bits_per_byte / before.bits_per_byte - 1):+.2f}%) on the integer kernel "
+                     f"(as decoding runs)")
         if DenseRows.rows is not None:  # prompts of many tokens take the dense path on this CPU
             dense = bits_per_byte(model, tokenizer, text, max_tokens=args.eval_tokens)
             extra["eval"]["prompt_path_bits_per_byte"] = dense.bits_per_byte

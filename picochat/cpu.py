@@ -216,7 +216,8 @@ def report() -> dict[str, str]:
             out["prompts"] = (f"from {rows} tokens: weights expanded to {str(dense).removeprefix('torch.')} and "
                               f"a dense product ({t['dense_us']:.0f} µs vs the kernel's {t['kernel_us']:.0f} µs "
                               f"for {rows} rows of 1536×576)")
-        out["decoding"] = "the integer kernel: 8-bit activations × 4/8-bit weights, float32 in between"
+        out["decoding"] = ("the integer kernel: 4/8-bit weights × activations as two 8-bit planes (~15 bits), "
+                           "float32 in between")
     else:
         out["quantized kernel"] = f"not available ({k.get('error', '')[:200]}): quantized weights are expanded to floats"
     out["profile"] = str(_profile_path())
