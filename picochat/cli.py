@@ -55,6 +55,12 @@ def sampling_from_args(args):
                           stop=list(args.stop))
 
 
+def announce_kernel_build():
+    from . import kernels
+    if not kernels.is_built():
+        print("[building picochat's CPU kernels for this machine: once, about 30 s ...]", file=sys.stderr)
+
+
 def open_engine(args):
     import torch
 
@@ -62,6 +68,7 @@ def open_engine(args):
     from .engine import Engine
     if args.threads:
         torch.set_num_threads(args.threads)
+    announce_kernel_build()
     t0 = time.perf_counter()
     loaded = models.load(args.model, dtype=args.dtype, adapter=args.adapter, quantized=not args.dequantize)
     if args.verbose:
@@ -275,6 +282,7 @@ def cmd_serve(args):
         loaded = models.load(args.model, dtype=args.dtype, adapter=args.adapter, quantized=not args.dequantize)
         return Engine(loaded.model, loaded.tokenizer)
 
+    announce_kernel_build()
     app = create_app(load_engine, model_id, api_key=args.api_key, max_batch=args.parallel,
                      max_queue=args.queue, max_len=args.ctx_size)
     print(f"picochat serving '{model_id}' on http://{args.host}:{args.port}  (chat page at /, API at /v1)",

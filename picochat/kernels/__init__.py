@@ -88,6 +88,14 @@ def build(out: Path) -> None:
         os.replace(target, out)
 
 
+def is_built() -> bool:
+    """Whether this machine already has the compiled library (else the first load builds it, ~20-30 s)."""
+    try:
+        return bool(os.environ.get("PICOCHAT_NO_KERNELS")) or library_path().is_file() or compiler() is None
+    except OSError:
+        return True
+
+
 def load(verbose: bool = False) -> bool:
     """Load the kernel library (building it first if this machine has none). True if it is usable."""
     with _lock:
