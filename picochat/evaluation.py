@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from .data import _val_hash, iter_documents
 
@@ -44,8 +43,8 @@ def bits_per_byte(model, tokenizer, text: str, window: int = 512, max_tokens: in
         if chunk.shape[1] < 2:
             break
         x, y = chunk[:, :-1], chunk[:, 1:]
-        logits, _ = model(x)
-        nll += F.cross_entropy(logits[0].float(), y[0], reduction="sum").item()
+        _, loss = model(x, y)  # the model's own loss: the mean −log p over the window's tokens
+        nll += loss.item() * y.numel()
         n += y.numel()
         nbytes += int(token_bytes[y[0].clamp(max=len(token_bytes) - 1)].sum())
     return BitsPerByte(nll / (math.log(2) * max(nbytes, 1)), nll / max(n, 1), n, nbytes, time.perf_counter() - t0)

@@ -24,8 +24,8 @@ from .config import ModelConfig
 from .formats.atomic import atomic_write
 from .formats.gguf import load_gguf
 from .formats.hf import CheckpointError, load_hf_folder
-from .model import GPT, rope_frequencies
-from .packed import assemble, is_packed_folder, load_packed, save_packed, split_state_dict
+from .model import GPT
+from .packed import assemble, fill, is_packed_folder, load_packed, save_packed, split_state_dict
 from .tokenizer import Tokenizer
 
 
@@ -145,21 +145,7 @@ def build_model(config: ModelConfig, state_dict: dict, dtype=torch.float32, sour
     """A GPT holding exactly `state_dict`, without spending time on random initialisation."""
     with torch.device("meta"):
         model = GPT(config)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
-    if missing:
-        raise CheckpointError(f"{source}: missing tensors {', '.join(sorted(missing)[:8])}"
-                              f"{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensors {', '.join(sorted(unexpected)[:8])}")
-    for name, param in model.state_dict().items():
-        if tuple(state_dict[name].shape) != tuple(param.shape):
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, "
-                                  f"the config implies {tuple(param.shape)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-    if config.position == "rope":  # buffers are computed, not stored
-        model.inv_freq = rope_frequencies(config)
-    return model.eval()
+    return fill(model, state_dict, dtype, source)
 
 
 def fuse_projections(model: GPT) -> GPT:
@@ -212,12 +198,12 @@ def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool =
     if fuse:  # a model for generating: the compiled kernels' RMSNorm and RoPE apply to float weights too
         from .quant import use_kernels
         use_kernels()
-    if keep_quantized:
-        act = torch.float32 if dtype in (None, "auto") else cpu.resolve_dtype(dtype)
-        why = "quantized weights: float32 activations into the integer kernel" if dtype in (None, "auto") else "given"
+    if dtype not in (None, "auto"):
+        act, why = cpu.resolve_dtype(dtype), "given"
+    elif keep_quantized:
+        act, why = torch.float32, "quantized weights: float32 activations into the integer kernel"
     else:
-        act = cpu.resolve_dtype(dtype)
-        why = cpu.compute_dtype()[1] if dtype in (None, "auto") else "given"
+        act, why = cpu.compute_dtype()
     if is_packed_folder(path):
         if adapter is not None:
             raise ModelNotFound(f"{path} is a packed (quantized) model; apply a LoRA adapter to its float base")

@@ -81,23 +81,32 @@ def assemble(config: ModelConfig, tensors: dict[str, torch.Tensor], specs: dict[
             del block.attn.q_proj, block.attn.k_proj, block.attn.v_proj
         if block.mlp.gate_up_proj is not None:
             del block.mlp.gate_proj, block.mlp.up_proj
-    expected = {k for k, v in model.state_dict().items() if v.device.type == "meta"}
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: tensors do not match the model: "
-                              + (f"missing {', '.join(sorted(missing)[:6])} " if missing else "")
-                              + (f"unexpected {', '.join(sorted(unexpected)[:6])}" if unexpected else ""))
-    own = model.state_dict()
+    fill(model, tensors, dtype, source)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def fill(model: GPT, tensors: dict[str, torch.Tensor], dtype, source: str = "") -> GPT:
+    """Give a GPT built on the meta device its tensors, after checking their names and shapes.
+
+    Float tensors take `dtype`; integer codes stay as they are. The rope frequencies are computed, not stored.
+    """
+    own = {k: v for k, v in model.state_dict().items() if v.device.type == "meta"}
+    missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {', '.join(sorted(missing)[:8])}"
+                              f"{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensors {', '.join(sorted(unexpected)[:8])}")
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(own[name].shape):
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies "
                                   f"{tuple(own[name].shape)}")
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
                           strict=False, assign=True)
-    if config.position == "rope":
-        model.inv_freq = rope_frequencies(config)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if model.config.position == "rope":
+        model.inv_freq = rope_frequencies(model.config)
     return model.eval()
 
 

@@ -298,6 +298,7 @@ class DenseRows:
     dense matrix product; fewer rows (decoding) use the integer kernel. Set per CPU from cpu.dense_rows()."""
     rows: int | None = None
     dtype: torch.dtype = torch.float32
+    configured: bool = False  # set once, by use_kernels
 
 
 @contextlib.contextmanager
@@ -389,9 +390,8 @@ def use_kernels() -> bool:
     from . import cpu, kernels, model
     if not kernels.available():
         return False
-    if not getattr(DenseRows, "configured", False):
+    if not DenseRows.configured:
         DenseRows.rows, DenseRows.dtype = cpu.dense_rows()
-        register_fake_kernels()
         model.CPU_KERNELS = True
         DenseRows.configured = True
     return True
@@ -415,14 +415,3 @@ def quantize_model(model: nn.Module, bits: int, group: int = 32) -> nn.Module:
     elif isinstance(model.lm_head, nn.Linear):
         model.lm_head = QLinear(quantize(model.lm_head.weight, 8, group))
     return model
-
-
-def register_fake_kernels():
-    """Shapes of the kernel's outputs, so torch.compile and torch.export can trace through QLinear."""
-    @torch.library.register_fake("picochat::qlinear")
-    def _(x, packed, bits, group, in_features, out_features, has_min):
-        return x.new_empty(*x.shape[:-1], out_features)
-
-    @torch.library.register_fake("picochat::dequantize")
-    def _(packed, bits, group, in_features, out_features, has_min, dtype, rows=None):
-        return packed.new_empty(out_features if rows is None else rows.shape[0], in_features, dtype=dtype)

@@ -350,12 +350,10 @@ def make_optimizers(model: nn.Module, config: TrainConfig, device_type: str,
 def training_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """The autocast dtype: as given, or for "auto" bfloat16 on a GPU that supports it and on a CPU whose
     bfloat16 matrix products are measured faster (cpu.compute_dtype), float32 elsewhere."""
-    if config.dtype != "auto":
-        return getattr(torch, config.dtype)
-    if device.type == "cuda":
+    if device.type == "cuda" and config.dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    from .cpu import compute_dtype
-    return compute_dtype()[0]
+    from .cpu import resolve_dtype
+    return resolve_dtype(config.dtype)
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -16,13 +16,14 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from ..cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("ops.cpp")
 HEADER = Path(__file__).with_name("qmatmul.h")  # the integer kernel's arithmetic, included by ops.cpp
@@ -32,14 +33,6 @@ _state: dict = {}   # "loaded": bool, "error": str, "path": Path
 
 class KernelBuildError(RuntimeError):
     """The kernel could not be compiled; the message holds the compiler's complaint."""
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
 
 
 def compiler() -> str | None:
@@ -58,7 +51,7 @@ def march() -> str:
 def build_key() -> str:
     """What the compiled library depends on: the source, torch, the Python ABI and this CPU's flags."""
     h = hashlib.sha256(b"".join(p.read_bytes() for p in (SOURCE, HEADER, Path(__file__))))  # source + build
-    for part in (torch.__version__, sysconfig.get_config_var("SOABI") or "", _cpu_flags(), compiler() or "", march()):
+    for part in (torch.__version__, sysconfig.get_config_var("SOABI") or "", " ".join(sorted(cpu_flags())), compiler() or "", march()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -96,7 +89,7 @@ def is_built() -> bool:
         return True
 
 
-def load(verbose: bool = False) -> bool:
+def load() -> bool:
     """Load the kernel library (building it first if this machine has none). True if it is usable."""
     with _lock:
         if "loaded" in _state:
@@ -108,8 +101,6 @@ def load(verbose: bool = False) -> bool:
         try:
             path = library_path()
             if not path.is_file():
-                if verbose:
-                    print("[compiling picochat's CPU kernels for this machine (once, ~30 s)...]", file=sys.stderr)
                 build(path)
             torch.ops.load_library(str(path))
             _state.update(loaded=True, path=path)
