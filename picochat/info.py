@@ -31,6 +31,8 @@ def describe(model: str | None) -> dict[str, str]:
                 n = sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys())
         except Exception as e:  # bad JSON, a missing or unreadable safetensors file
             raise CheckpointError(f"{path} is not a readable LoRA adapter ({e})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path / ADAPTER_CONFIG} must hold a JSON object")
         targets = cfg.get("target_modules") or []
         targets = [targets] if isinstance(targets, str) else targets
         return {"adapter": str(path),
@@ -60,9 +62,12 @@ def describe(model: str | None) -> dict[str, str]:
         tc = path / "tokenizer_config.json"
         if tc.is_file():
             try:
-                template = bool(json.loads(tc.read_text()).get("chat_template"))
-            except json.JSONDecodeError:
+                tokenizer_config = json.loads(tc.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise CheckpointError(f"{tc} is not valid JSON") from None
+            if not isinstance(tokenizer_config, dict):
+                raise CheckpointError(f"{tc} must hold a JSON object")
+            template = bool(tokenizer_config.get("chat_template"))
         template = template or (path / "chat_template.jinja").is_file()
         fmt, arch, ctx, vocab = "Hugging Face folder (safetensors)", config.architecture, config.max_seq_len, config.vocab_size
     else:

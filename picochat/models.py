@@ -24,6 +24,7 @@ from .config import ModelConfig
 from .formats.atomic import atomic_write
 from .formats.gguf import load_gguf
 from .formats.hf import CheckpointError, load_hf_folder
+from .formats.runs import latest_checkpoint, read_latest
 from .model import GPT
 from .packed import assemble, fill, is_packed_folder, load_packed, save_packed, split_state_dict
 from .tokenizer import Tokenizer
@@ -119,11 +120,11 @@ def resolve(model: str | None) -> Path:
     if not path.exists():
         raise ModelNotFound(f"no model at {path}: give a Hugging Face folder (with config.json), a .gguf file, "
                             f"or a packaged model name ({', '.join(PACKAGED)})")
-    latest = path / "latest"
-    if path.is_dir() and not (path / "config.json").exists() and latest.is_file():
-        checkpoint = path / latest.read_text().strip()  # a training run's folder: its newest checkpoint
-        if checkpoint.is_dir():
-            return checkpoint
+    if path.is_dir() and not (path / "config.json").exists() and (path / "latest").is_file():
+        # a training run's folder: the checkpoint `latest` names (it must stay inside the run), or the newest
+        # complete one when a killed run left `latest` naming a folder that is gone
+        checkpoint = read_latest(path)
+        return checkpoint if checkpoint is not None and checkpoint.is_dir() else latest_checkpoint(path)
     return path
 
 
@@ -292,9 +293,15 @@ def adapter_base(folder) -> str:
     """The base model an adapter folder's adapter_config.json names."""
     from . import lora
     try:
-        base = json.loads((Path(folder) / lora.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads((Path(folder) / lora.ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError, RecursionError) as e:  # (ValueError: bad JSON or bad UTF-8)
         raise CheckpointError(f"{folder}/{lora.ADAPTER_CONFIG} is not readable JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{folder}/{lora.ADAPTER_CONFIG} must hold a JSON object, not {type(cfg).__name__}")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise CheckpointError(f"{folder}/{lora.ADAPTER_CONFIG}: base_model_name_or_path must be a string, "
+                              f"got {base!r}")
     if not base:
         raise ModelNotFound(f"{folder} is a LoRA adapter that names no base model: give the base with -m BASE "
                             f"--adapter {folder}")

@@ -42,7 +42,8 @@ def is_packed_folder(path) -> bool:
         hf = json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return isinstance(hf, dict) and (hf.get("quantization_config") or {}).get("quant_method") == "picochat"
+    qc = hf.get("quantization_config") if isinstance(hf, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "picochat"
 
 
 # ----------------------------------------------------------------------------- from a state dict
@@ -191,14 +192,20 @@ def load_packed(folder, dtype=torch.float32) -> tuple[GPT, Tokenizer, dict, dict
     folder = Path(folder)
     try:
         hf = json.loads((folder / "config.json").read_text())
-        qc = hf["quantization_config"]
-        if qc.get("format") != FORMAT:
-            raise CheckpointError(f"{folder}: packed format {qc.get('format')!r}; this picochat reads {FORMAT}")
+        qc = hf.get("quantization_config") if isinstance(hf, dict) else None
+        if not isinstance(qc, dict) or qc.get("format") != FORMAT:
+            found = qc.get("format") if isinstance(qc, dict) else None
+            raise CheckpointError(f"{folder}: packed format {found!r}; this picochat reads {FORMAT}")
         config = ModelConfig.from_hf(hf)
         tensors = load_file(folder / "model.safetensors")
         gen_path = folder / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as e:
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RecursionError, SafetensorError) as e:  # ValueError: bad JSON, invalid config
         raise CheckpointError(f"{folder} is not a readable packed model ({type(e).__name__}: {e})") from None
-    model = assemble(config, tensors, qc.get("modules", {}), dtype, str(folder))
+    modules = qc.get("modules", {})
+    if not isinstance(modules, dict) or not all(isinstance(spec, dict) for spec in modules.values()):
+        raise CheckpointError(f"{folder}: quantization_config.modules must map module names to specs")
+    model = assemble(config, tensors, modules, dtype, str(folder))
     return model, Tokenizer.from_file(folder), gen, qc

@@ -152,15 +152,17 @@ def assistant_spans(tokenizer: Tokenizer, messages: list[dict]) -> tuple[str, li
     Found by rendering prefix by prefix, so it works for any template: an assistant turn i spans from
     the end of render(messages[:i], generation prompt) to the end of render(messages[:i+1]), less the
     whitespace after its end-of-turn token (ChatML's newline), so each span is the content plus the
-    end-of-turn token.
+    end-of-turn token. The rendering is Tokenizer.render_chat's: special-token strings inside messages
+    are escaped (Tokenizer.unescape_special gives the plain text), so they are encoded as text.
     """
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    render = tokenizer.render_chat
+    full = render(messages, add_generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False)
+        before = render(messages[:i], add_generation_prompt=True)
+        through = render(messages[:i + 1], add_generation_prompt=False)
         if not (through.startswith(before) and full.startswith(through)):
             raise ValueError("the chat template does not render conversations prefix by prefix "
                              "(an earlier turn renders differently once later turns follow), so the assistant "
@@ -174,14 +176,15 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[np.
     """(token ids, mask): mask[i] is True where token i was written by the assistant.
 
     Each stretch of text is encoded on its own, split at the span edges — exactly how a prompt ends and
-    a generated reply begins at inference time.
+    a generated reply begins at inference time. Only the template's markup becomes special tokens: a
+    message spelling "<|im_end|>" trains on the plain text, never on a forged end of turn.
     """
     text, spans = assistant_spans(tokenizer, messages)
     ids, mask, pos = [], [], 0
     for start, end in spans + [(len(text), len(text))]:
         for piece, trained in ((text[pos:start], False), (text[start:end], True)):
             if piece:
-                piece_ids = tokenizer.encode(piece)
+                piece_ids = tokenizer.encode_rendered(piece)
                 ids += piece_ids
                 mask += [trained] * len(piece_ids)
         pos = end
@@ -387,12 +390,12 @@ def sft(base: str, data, config, lora: lora_lib.LoRAConfig | None = None, packin
     Returns train.TrainResult.
     """
     from . import models
-    from .train import train
+    from .train import holds_run, train
     if lora is not None:
         lora.validate()
     out_dir = Path(config.out_dir)
-    if resume in (None, False) and (out_dir / "latest").exists():
-        raise ValueError(f"{out_dir} already holds a training run (see {out_dir / 'latest'}): pass --resume "
+    if resume in (None, False) and holds_run(out_dir):  # refused before its data/ is rewritten
+        raise ValueError(f"{out_dir} already holds a training run (its checkpoints and 'latest'): pass --resume "
                          f"to continue it, or choose another --out-dir")
     loaded = models.load(base, dtype=torch.float32, quantized=False, fuse=False)  # float weights to train
     model_config = loaded.model.config

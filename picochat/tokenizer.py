@@ -7,8 +7,11 @@ can come from three places:
     Tokenizer.from_gguf_metadata(meta)                # the tokenizer.* keys of a GGUF file
     Tokenizer.train(iter(texts), vocab_size=32768)    # picochat's own byte-level BPE
 
-Chat prompts are rendered to text with a Jinja chat template and then encoded; special-token strings
-in that text (e.g. "<|im_start|>") are always encoded as their single special id.
+encode() turns special-token strings (e.g. "<|im_start|>") into their single special ids, so it is for
+trusted text. Chat prompts go through encode_chat: the Jinja chat template renders the conversation with
+special-token strings inside the messages escaped, so only the template's own markup becomes special ids
+and message text is always tokenized as text (a user cannot forge a turn or a system prompt). Templates
+come from model files, i.e. untrusted code: they run in a sandbox with a time and size budget (chat_template.py).
 
 picochat's own chat format (DEFAULT_CHAT_TEMPLATE) writes every message as
 
@@ -21,16 +24,15 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import jinja2.ext
 import tokenizers
-from jinja2.exceptions import SecurityError, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.exceptions import TemplateError
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
+from .chat_template import TemplateLimitError, compile_chat_template, render_bounded, text_size
 from .formats.atomic import atomic_write_text
 
 # ----------------------------------------------------------------------------- picochat's chat format
@@ -49,6 +51,11 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
+
+# Special-token strings inside message text are escaped before the template renders it: each becomes
+# _ESCAPE and one code character (private-use characters of plane 15), _ESCAPE itself too.
+_ESCAPE = "\U000F0000"
+_FIRST_CODE = 0xF0001
 
 # Tokens that end an assistant turn in common chat formats (llama.cpp auto-detects the same list).
 END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>",
@@ -191,32 +198,6 @@ def _normalize_messages(messages) -> list[dict]:
     return out
 
 
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    # The stock sandbox turns `x.__class__` into an Undefined that renders as ""; fail loudly instead.
-    def unsafe_undefined(self, obj, attribute):
-        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} is unsafe")
-
-
-def _compile_chat_template(source: str):
-    """Compile a chat template in a sandbox: templates come from model files, i.e. untrusted code."""
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson HTML-escapes <, >, & and '; chat templates want plain JSON (as transformers)
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
-
-    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)
-
-
 # ----------------------------------------------------------------------------- Tokenizer
 
 
@@ -242,6 +223,8 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self._extra_end_of_turn_tokens = tuple(extra_end_of_turn_tokens)
         self._compiled_template = None  # compiled on first apply_chat_template
+        self._text_backend: tokenizers.Tokenizer | None = None  # made on first encode_text
+        self._escapes: tuple | None = None                       # made on first escape_special
 
     # ------------------------------------------------------------------ constructors
 
@@ -412,11 +395,21 @@ class Tokenizer:
     # ------------------------------------------------------------------ encoding
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids for `text`. Special-token strings in the text become their special ids.
+        """Token ids for `text`. Special-token strings in the text become their special ids: for trusted
+        text only (see encode_text and encode_chat).
 
         add_special_tokens=True adds BOS where this tokenizer's config says to (add_bos_token).
         """
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids for `text` as plain text: special-token strings in it become ordinary tokens (the ones
+        their characters spell), never special ids. For text from users, documents or models."""
+        if self._text_backend is None:  # a copy that does not look for special tokens, made once
+            backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            backend.encode_special_tokens = True
+            self._text_backend = backend
+        return self._text_backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         """encode() for many texts at once, in parallel threads (for data preparation)."""
@@ -494,21 +487,95 @@ class Tokenizer:
 
         messages: [{"role": ..., "content": str or [{"type": "text", "text": ...}, ...]}, ...].
         Extra kwargs (e.g. tools) are passed to the template, as transformers does. Any failure of the
-        template (syntax, raise_exception, sandbox violation) raises ValueError.
+        template (syntax, raise_exception, sandbox violation, its time or size budget) raises ValueError.
+        This is the text to show; to tokenize a conversation use encode_chat, not encode(this text).
         """
+        return self._render(messages, add_generation_prompt, kwargs, escape=False)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Token ids of a conversation rendered with the chat template: only the template's own markup
+        becomes special ids; the messages' text (and kwargs' strings) is tokenized as text."""
+        return self.encode_rendered(self.render_chat(messages, add_generation_prompt, **kwargs))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """apply_chat_template's text with the special-token strings inside the messages (and kwargs)
+        escaped (see escape_special): text for encode_rendered, in which the template's own markup is the
+        only markup. A rendering that extends another can be encoded a suffix at a time (ChatSession)."""
+        return self._render(messages, add_generation_prompt, kwargs, escape=True)
+
+    def encode_rendered(self, rendered: str) -> list[int]:
+        """Token ids for text from render_chat (or a stretch of it, cut outside escapes): special-token
+        strings become special ids, escaped ones are encoded as plain text."""
+        *_, escaped, hazards = self._escaping()
+        parts = escaped.split(rendered)  # template text, code, template text, code, ...
+        ids, plain = [], ""
+        for i, part in enumerate(parts):
+            if i % 2:
+                plain += hazards[ord(part) - _FIRST_CODE]
+            elif part:  # neighbouring escapes are encoded together, as the text they spell
+                ids += (self.encode_text(plain) if plain else []) + self.encode(part)
+                plain = ""
+        return ids + (self.encode_text(plain) if plain else [])
+
+    def escape_special(self, text: str) -> str:
+        """`text` with every special-token string (and the escape character itself) replaced by an escape:
+        private-use characters that render_chat's output carries for encode_rendered to encode as text."""
+        find, codes, *_ = self._escaping()
+        return find.sub(lambda m: codes[m.group()], text)
+
+    def unescape_special(self, rendered: str) -> str:
+        """The text escape_special (or render_chat) escaped: unescape_special(render_chat(m)) is
+        apply_chat_template(m) for any template that treats message text as opaque."""
+        *_, escaped, hazards = self._escaping()
+        return escaped.sub(lambda m: hazards[ord(m.group(1)) - _FIRST_CODE], rendered)
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The special (control) tokens' strings, e.g. "<|im_start|>": markup only a chat template writes."""
+        return [t.content for _, t in sorted(self.backend.get_added_tokens_decoder().items()) if t.special]
+
+    def _escaping(self) -> tuple:
+        """(pattern finding what to escape, {string: its escape}, pattern finding escapes, [escaped strings])."""
+        if self._escapes is None:
+            hazards = [_ESCAPE, *sorted(set(self.special_tokens), key=len, reverse=True)]  # longest match first
+            if _FIRST_CODE + len(hazards) > 0x10FFFF:
+                raise ValueError(f"too many special tokens to escape ({len(hazards) - 1})")
+            codes = {h: _ESCAPE + chr(_FIRST_CODE + i) for i, h in enumerate(hazards)}
+            find = re.compile("|".join(map(re.escape, hazards)))
+            escaped = re.compile(f"{_ESCAPE}([{chr(_FIRST_CODE)}-{chr(_FIRST_CODE + len(hazards) - 1)}])")
+            self._escapes = (find, codes, escaped, hazards)
+        return self._escapes
+
+    def _escape_all(self, value):
+        """escape_special applied to every string inside `value` (dict values, list and tuple items)."""
+        if isinstance(value, str):
+            return self.escape_special(value)
+        if isinstance(value, dict):
+            return {k: self._escape_all(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._escape_all(v) for v in value]
+        return value
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, kwargs: dict, escape: bool) -> str:
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         messages = _normalize_messages(messages)
         try:
+            input_chars = text_size([messages, kwargs])
+            if escape:
+                messages, kwargs = self._escape_all(messages), self._escape_all(kwargs)
             if self._compiled_template is None:
-                self._compiled_template = _compile_chat_template(self.chat_template)
+                self._compiled_template = compile_chat_template(self.chat_template)
             variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
                          "pad_token": self.pad_token or "", **kwargs}
-            return self._compiled_template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                  **variables)
+            return render_bounded(self._compiled_template, input_chars, messages=messages,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+        except TemplateLimitError as e:
+            raise ValueError(f"chat template stopped: {e}") from None
         except TemplateError as e:
             raise ValueError(f"chat template error: {type(e).__name__}: {e}") from e
-        except (TypeError, KeyError, IndexError, AttributeError, ValueError) as e:  # e.g. str + None in a template
+        except (TypeError, KeyError, IndexError, AttributeError, ValueError, ArithmeticError, MemoryError,
+                RecursionError) as e:  # e.g. str + None in a template, an integer too long to print
             raise ValueError(f"chat template failed to render: {type(e).__name__}: {e}") from e
 
     # ------------------------------------------------------------------ saving

@@ -6,7 +6,8 @@ Each optimizer step:
     -> clip the gradient norm -> AdamW (or Muon for hidden matrices) at the scheduled learning rate
 
 and every N steps: validation loss and bits per byte, a text sample, and a checkpoint (a Hugging Face
-folder plus optimizer state, step, data position and RNG states) that `--resume` continues exactly.
+folder plus optimizer state, step, data position and RNG states) that `--resume` continues exactly —
+from the newest complete checkpoint, however the last process died (even SIGKILLed mid-save).
 
     picochat train --preset demo --data-dir data/demo --out-dir out/demo
     torchrun --nproc_per_node=2 -m picochat.cli train ... --distributed ddp     # or fsdp (FSDP2)
@@ -23,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 import typing
 from contextlib import nullcontext
@@ -38,8 +40,10 @@ from safetensors.torch import load_file, save_file
 
 from .config import PRESETS, ModelConfig
 from .data import DataError, TokenStream, read_meta
-from .formats.atomic import atomic_write, atomic_write_text
+from .formats.atomic import atomic_write, atomic_write_text, fsync_dir, fsync_tree
 from .formats.hf import CheckpointError, load_hf_folder, read_config, save_hf_folder
+from .formats.runs import (CHECKPOINT_FORMAT, TRAIN_STATE, CheckpointWarning,  # noqa: F401 (re-exported)
+                           checkpoint_folders, checkpoint_problem, holds_run, latest_checkpoint, read_train_state)
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -422,40 +426,31 @@ def full_model_state(model: GPT, info: DistInfo) -> dict:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-TRAIN_STATE = "trainer_state.json"
-CHECKPOINT_FORMAT = "picochat-train-v1"
+# Hidden leftovers of a killed process in a run's folder: a checkpoint being written or being deleted,
+# and atomic_write's temporary files. Removed when a run starts there.
+LEFTOVERS = (".step_*.tmp", ".step_*.old", ".latest.*.tmp", ".metrics.jsonl.*.tmp", ".loss.png.*.tmp")
+# For tests (tests/test_kill_resume.py): "STAGE:STEP" makes save_checkpoint SIGKILL its own process at
+# that stage of writing checkpoint STEP — after_weights, replacing, after_rename or pruning — to show
+# that a kill there loses no work.
+KILL_HOOK = "PICOCHAT_TEST_KILL_IN_CHECKPOINT"
 
 
 def find_checkpoint(resume, out_dir=None) -> Path:
-    """The checkpoint folder `--resume` means: the folder itself, or the latest one of a run's out dir."""
+    """The checkpoint folder `--resume` means: the folder itself, or the newest one of a run's out dir
+    (see latest_checkpoint)."""
     path = Path(resume) if isinstance(resume, (str, os.PathLike)) and str(resume) else None
     if path is None:
         if not out_dir:
             raise ValueError("--resume without a folder continues the run in --out-dir: give --out-dir")
         path = Path(out_dir)
     if (path / TRAIN_STATE).is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
         return path
-    latest = path / "latest"
-    if latest.is_file():
-        folder = path / latest.read_text().strip()
-        if not (folder / TRAIN_STATE).is_file():
-            raise CheckpointError(f"{latest} points to {folder}, which is not a complete checkpoint")
-        return folder
     if not path.exists():
         raise CheckpointError(f"nothing to resume: {path} does not exist")
-    raise CheckpointError(f"nothing to resume in {path}: it is neither a training checkpoint (no {TRAIN_STATE}) "
-                          f"nor a run's output folder (no 'latest' file)")
-
-
-def read_train_state(folder: Path) -> dict:
-    path = Path(folder) / TRAIN_STATE
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {state.get('format')!r}")
-    return state
+    return latest_checkpoint(path)
 
 
 def checkpoint_configs(folder: Path) -> tuple[ModelConfig, TrainConfig]:
@@ -545,39 +540,80 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
 
 def save_checkpoint(out_dir: Path, step: int, model_sd: dict, model_config: ModelConfig, tokenizer: Tokenizer,
                     osd: dict, train_state: dict, keep_last: int, finetune=None) -> Path:
-    """Write step_NNNNNN/ (HF folder + training state) atomically, point `latest` at it, drop old ones.
+    """Write step_NNNNNN/ (HF folder + training state), point `latest` at it, drop old checkpoints.
 
-    Everything goes into a hidden temporary folder that is renamed into place when complete, so a crash
-    leaves either the whole checkpoint or none. Only rank 0 calls this.
+    Each stage is on disk before the next begins, so a process killed anywhere leaves `latest` naming a
+    complete checkpoint, or missing / naming one that is gone — then latest_checkpoint resumes from the
+    newest complete step_* folder. The files go into a hidden folder, are fsynced, and the folder is
+    renamed into place; trainer_state.json, written last, lists every file with its size. Folders on
+    their way out (old checkpoints, or an earlier save of the same step when a run was resumed from an
+    older checkpoint) are first renamed to hidden names, so no half-deleted folder ever carries a
+    checkpoint's name. Only rank 0 calls this.
     """
     name = f"step_{step:06d}"
     final, tmp = out_dir / name, out_dir / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
+    _write_checkpoint_files(tmp, step, model_sd, model_config, tokenizer, osd, train_state, finetune)
+    doomed = [_hide(final)] if final.exists() else []
+    _test_kill_point("replacing", step)
+    os.replace(tmp, final)
+    fsync_dir(out_dir)
+    _test_kill_point("after_rename", step)
+    atomic_write_text(out_dir / "latest", name + "\n")
+    if keep_last > 0:
+        doomed += [_hide(old) for old in checkpoint_folders(out_dir)[:-keep_last] if old != final]
+    _test_kill_point("pruning", step)
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint_files(folder: Path, step: int, model_sd: dict, model_config: ModelConfig,
+                            tokenizer: Tokenizer, osd: dict, train_state: dict, finetune=None):
+    """A checkpoint's files in `folder`, fsynced; trainer_state.json (listing the others) last."""
     if finetune is not None:  # fine-tuning decides what a checkpoint's weights are (e.g. a LoRA adapter)
-        finetune.save_weights(tmp, model_sd, tokenizer)
+        finetune.save_weights(folder, model_sd, tokenizer)
     else:
         with torch.device("meta"):  # a GPT that merely holds the (gathered) weights, for save_hf_folder
             holder = GPT(model_config)
         holder.load_state_dict(model_sd, strict=True, assign=True)
-        save_hf_folder(holder, tmp, tokenizer=tokenizer)
+        save_hf_folder(holder, folder, tokenizer=tokenizer)
+    _test_kill_point("after_weights", step)
     opt_tensors, opt_meta = _optimizer_to_files(osd)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    save_file(opt_tensors, folder / "optimizer.safetensors")
     rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, tmp / "rng.safetensors")
-    state = {"format": CHECKPOINT_FORMAT, **train_state, "optimizer": opt_meta, "rng": rng_meta}
-    (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(out_dir / "latest", name + "\n")
-    if keep_last > 0:
-        steps = sorted((p for p in out_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
-                       key=lambda p: int(p.name[5:]))
-        for old in steps[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    return final
+    save_file(rng_tensors, folder / "rng.safetensors")
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    state = {"format": CHECKPOINT_FORMAT, **train_state, "optimizer": opt_meta, "rng": rng_meta, "files": files}
+    (folder / TRAIN_STATE).write_text(json.dumps(state, indent=1))
+    fsync_tree(folder)
+
+
+def _hide(folder: Path) -> Path:
+    """Rename a checkpoint folder that is to be deleted to a hidden name (atomic, unlike deleting it)."""
+    hidden = folder.with_name(f".{folder.name}.old")
+    if hidden.exists():
+        shutil.rmtree(hidden)
+    os.replace(folder, hidden)
+    fsync_dir(folder.parent)
+    return hidden
+
+
+def _test_kill_point(stage: str, step: int):
+    """SIGKILL this process here if $PICOCHAT_TEST_KILL_IN_CHECKPOINT is "STAGE:STEP" (KILL_HOOK)."""
+    if os.environ.get(KILL_HOOK) == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_leftovers(run_dir: Path):
+    """Delete what killed processes left in a run's folder (LEFTOVERS: hidden, never a checkpoint)."""
+    for pattern in LEFTOVERS:
+        for path in Path(run_dir).glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def load_checkpoint_state(folder: Path, finetune=None) -> tuple[dict, dict, dict, dict]:
@@ -628,10 +664,13 @@ def sample_text(model: GPT, tokenizer: Tokenizer, config: TrainConfig) -> str:
 
 # ----------------------------------------------------------------------------- metrics
 def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl, one a line. A last line without its newline is a record a killed
+    process did not finish writing: it is left out."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")[:-1]  # [-1]: after the last newline
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def plot_losses(metrics_path, png_path) -> Path:
@@ -714,8 +753,8 @@ def train(config: TrainConfig, model_config: ModelConfig, resume=None,
           on_record: Callable[[dict], None] | None = None, stream=TokenStream, finetune=None) -> TrainResult:
     """Train a model on a prepared dataset; `picochat train` is this function.
 
-    resume: None (a new run: out_dir must not hold one), True (the latest checkpoint in out_dir) or a
-    checkpoint / out-dir path. on_record(record) is called on rank 0 with each step's metrics (the
+    resume: None (a new run: out_dir must not hold one), True (the newest complete checkpoint in out_dir:
+    latest_checkpoint) or a checkpoint / out-dir path. on_record(record) is called on rank 0 with each step's metrics (the
     same dicts metrics.jsonl gets: step, loss, lr, tokens/s, elapsed, and val_loss, val_bpb, sample
     when those were computed). stream(data_dir, split, batch_size, seq_len, rank, world_size) gives the
     batches (TokenStream's interface: next_batch() -> (x, y) with -100 for targets to ignore,
@@ -745,8 +784,8 @@ def train(config: TrainConfig, model_config: ModelConfig, resume=None,
     if resume is not None and resume is not False:
         ckpt = find_checkpoint(None if resume is True else resume, out_dir)
         check_resumable(ckpt, model_config, config, tokenizer)
-    elif (out_dir / "latest").exists():
-        raise ValueError(f"{out_dir} already holds a training run (see {out_dir / 'latest'}): pass --resume "
+    elif holds_run(out_dir):
+        raise ValueError(f"{out_dir} already holds a training run (its checkpoints and 'latest'): pass --resume "
                          f"to continue it, or choose another --out-dir")
     threads_before = torch.get_num_threads()
     if config.threads > 0:
@@ -836,14 +875,19 @@ def _run(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, c
         from .models import build_model
         return build_model(model_config, {k: v.detach().cpu() for k, v in sd.items()}, torch.float32, "training")
 
-    # Output: only rank 0 writes. Resuming drops metrics of steps after the checkpoint (a crashed tail).
+    # Output: only rank 0 writes. Resuming drops metrics of steps after the checkpoint (a crashed tail),
+    # and what a killed process left half-written.
     metrics_path = out_dir / "metrics.jsonl"
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)
         kept = [r for r in read_metrics(metrics_path) if r["step"] <= step] if ckpt is not None else []
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     metrics_file = open(metrics_path, "a") if info.is_main else None
     result = TrainResult(out_dir, ckpt, step, tokens, elapsed_before, rank=info.rank)
+    for r in kept if info.is_main else []:  # a run resumed at its end (killed after its last save) has these
+        result.loss = r.get("loss", result.loss)
+        result.val_loss, result.val_bpb = r.get("val_loss", result.val_loss), r.get("val_bpb", result.val_bpb)
     pbar = tqdm(total=total_steps or None, initial=step, unit="step", dynamic_ncols=True, disable=not info.is_main,
                 desc="train")
     t_start = time.perf_counter()
@@ -873,6 +917,8 @@ def _run(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, c
             if on_record is not None:
                 on_record({"step": step, **record})
         if step > 0 and step != last_saved and due(config.checkpoint_interval, final):
+            if info.is_main:  # the checkpoint's metrics are on disk before it is: a resume keeps them
+                os.fsync(metrics_file.fileno())
             model_sd = full_model_state(model, info)
             osd = optimizer_state(model, optimizers)
             if info.is_main:

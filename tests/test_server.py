@@ -1,6 +1,5 @@
 """The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client and raw HTTP."""
 import json
-import socket
 import threading
 import time
 
@@ -8,66 +7,27 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from picochat import models
-from picochat.config import ModelConfig
 from picochat.engine import Engine, SamplingParams
-from picochat.model import GPT
-from picochat.server import create_app
-from picochat.tokenizer import Tokenizer
+
+from helpers import LiveServer, tiny_engine
 
 TEXT = ("Hello there! How are you today? I am fine, thank you. The weather is nice. "
         "def add(a, b):\n    return a + b\n你好，世界。") * 30
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn on a background thread, on 127.0.0.1 only."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def wait_ready(self):
-        deadline = time.time() + 60
-        while httpx.get(self.url + "/health").status_code != 200:
-            assert time.time() < deadline, "model did not load"
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def engine():
-    tok = Tokenizer.train([TEXT], vocab_size=320)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                         intermediate_size=128, max_seq_len=256, initializer_range=0.3,
-                         eos_token_id=tok.token_to_id("<|end|>"))
-    return Engine(GPT(config), tok)
+    return tiny_engine(TEXT)
 
 
 @pytest.fixture(scope="module")
 def server(engine):
-    live = LiveServer(create_app(lambda: engine, "tiny", max_batch=4, max_queue=16))
-    live.wait_ready()
+    live = LiveServer(lambda: engine, "tiny", max_batch=4, max_queue=16)
+    live.wait_loaded()
     yield live
-    live.stop()
+    live.close()
 
 
 @pytest.fixture()
@@ -181,28 +141,28 @@ BAD_REQUESTS = [  # (path, body, status, text expected in the message)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "'model' is required"),
     ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
     ("/v1/chat/completions", {"model": "tiny"}, 400, "'messages' is required"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "must not be empty"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "'messages' must be list"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "at least 1 item"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "'messages': input should be a valid list"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, "content"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      400, "only text parts"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 3},
-     400, "'temperature' must be between 0.0 and 2.0"),
+     400, "'temperature': input should be less than or equal to 2"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
-     400, "'temperature' must be float"),
+     400, "'temperature': input should be a valid number"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1},
      400, "max_tokens"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "'n' must be 1"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "'n': input should be less than or equal to 1"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": 7}, 400, "stop"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
                               "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
-     400, "'stream' must be bool"),
+     400, "'stream': input should be a valid boolean"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
      400, "exceed the model's context of 256"),
-    ("/v1/completions", {"model": "tiny", "prompt": {"a": 1}}, 400, "'prompt' must be"),
+    ("/v1/completions", {"model": "tiny", "prompt": {"a": 1}}, 400, "'prompt': must be"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "logprobs": 50}, 400, "logprobs"),
@@ -267,8 +227,8 @@ def test_disconnect_frees_the_slot(server):
 
 
 def test_queue_full_is_503(engine):
-    live = LiveServer(create_app(lambda: engine, "tiny", max_batch=1, max_queue=1))
-    live.wait_ready()
+    live = LiveServer(lambda: engine, "tiny", max_batch=1, max_queue=1)
+    live.wait_loaded()
     try:
         body = {"model": "tiny", "messages": HELLO, "max_tokens": 150, "stream": True, "temperature": 1.0}
         statuses = []
@@ -284,33 +244,33 @@ def test_queue_full_is_503(engine):
             t.join(timeout=120)
         assert 503 in statuses and 200 in statuses
     finally:
-        live.stop()
+        live.close()
 
 
 def test_metrics_count_requests_and_tokens(server, client):
     client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=5)
     text = httpx.get(server.url + "/metrics").text
-    assert 'picochat_requests_total{path="/v1/chat/completions",status="200"}' in text
+    assert 'picochat_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert "picochat_completion_tokens_total" in text and "picochat_queue_length 0" in text
 
 
 # ----------------------------------------------------------------------------- loading and keys
 def test_health_is_503_while_loading(engine):
     release = threading.Event()
-    live = LiveServer(create_app(lambda: release.wait(30) and engine, "tiny"))
+    live = LiveServer(lambda: release.wait(30) and engine, "tiny")
     try:
         assert httpx.get(live.url + "/health").status_code == 503
         r = httpx.post(live.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO})
         assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
         release.set()
-        live.wait_ready()
+        live.wait_loaded()
     finally:
-        live.stop()
+        live.close()
 
 
 def test_api_key(engine):
-    live = LiveServer(create_app(lambda: engine, "tiny", api_key="s3cret"))
-    live.wait_ready()
+    live = LiveServer(lambda: engine, "tiny", api_key="s3cret")
+    live.wait_loaded()
     try:
         url = live.url + "/v1/chat/completions"
         body = {"model": "tiny", "messages": HELLO, "max_tokens": 3}
@@ -326,18 +286,18 @@ def test_api_key(engine):
             openai.OpenAI(base_url=live.url + "/v1", api_key="nope", max_retries=0).chat.completions.create(
                 model="tiny", messages=HELLO, max_tokens=3)
     finally:
-        live.stop()
+        live.close()
 
 
 # ----------------------------------------------------------------------------- the real model
 def test_smollm2_answers_paris_through_the_openai_client(smollm2_path):
     loaded = models.load(str(smollm2_path))
-    live = LiveServer(create_app(lambda: Engine(loaded.model, loaded.tokenizer), "smollm2", max_len=1024))
-    live.wait_ready()
+    live = LiveServer(lambda: Engine(loaded.model, loaded.tokenizer), "smollm2", max_len=1024)
+    live.wait_loaded()
     try:
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
         r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=30,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
     finally:
-        live.stop()
+        live.close()

@@ -8,15 +8,11 @@ and one that needs an API key and whose model loads only when the test says so.
 
 Set PICOCHAT_SCREENSHOTS=DIR to keep the desktop and phone screenshots (DIR/picochat-page-*.png).
 """
-import json
 import os
 import re
 import shutil
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,8 +21,9 @@ import torch
 from picochat.config import ModelConfig
 from picochat.engine import Engine
 from picochat.model import GPT, KVCache
-from picochat.server import create_app
 from picochat.tokenizer import Tokenizer
+
+from helpers import LiveServer
 
 
 def _find_chromium() -> str | None:
@@ -110,46 +107,6 @@ class ScriptedModel(torch.nn.Module):
         kv_cache.lengths += T
         time.sleep(max(self.delays[s] for s in picked))
         return logits, None
-
-
-# ------------------------------------------------------------------ live servers
-class LiveServer:
-    """create_app(...) served by uvicorn on a background thread at 127.0.0.1 and a free port."""
-
-    def __init__(self, load_engine, model_id, **kwargs):
-        import uvicorn
-        self.app = create_app(load_engine, model_id, **kwargs)
-        self.model_id = model_id
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-
-    @property
-    def state(self):
-        return self.app.state.picochat
-
-    def wait_loaded(self):
-        self.state.loaded.wait(timeout=30)
-        assert self.state.batcher is not None, self.state.load_error
-
-    def chat(self, messages, api_key=None, **body) -> dict:
-        request = urllib.request.Request(
-            f"{self.url}/v1/chat/completions", method="POST",
-            data=json.dumps({"model": self.model_id, "messages": messages, **body}).encode(),
-            headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 
 __all__ = ["GGUFError", "GGUFModel", "GGUFHeader", "GGUFTensorInfo", "load_gguf", "read_gguf_header",
            "read_gguf_metadata", "gguf_tensor_summary", "config_from_gguf", "SUPPORTED_ARCHITECTURES",
-           "SUPPORTED_TENSOR_TYPES"]
+           "SUPPORTED_TENSOR_TYPES", "available_memory", "check_memory"]
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -100,7 +100,25 @@ _KV_STRUCT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: 
 _KV_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
              7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+_VALUE_TYPES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL", "STRING", "ARRAY",
+                "UINT64", "INT64", "FLOAT64")
 _CHUNK = 1 << 20
+
+# What a header may declare, checked before anything is allocated for it. Far beyond real files (SmolLM2's
+# header is 1.8 MB with 147k array items; the largest vocabularies have ~260k tokens), so only a corrupt or
+# hostile header meets them -- and then fails at once instead of after reading and allocating for 2^60 items.
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
+MAX_ARRAY_ITEMS = 1 << 22            # in one array
+MAX_METADATA_ITEMS = 1 << 24         # in all arrays together
+MAX_ARRAY_DEPTH = 2                  # an array of arrays at most
+MAX_NAME_BYTES = 1 << 10             # a key or a tensor name (llama.cpp allows 64-byte tensor names)
+MAX_STRING_BYTES = 1 << 26           # a string value (an embedded tokenizer.json is a few MB)
+MAX_HEADER_BYTES = 1 << 28           # everything before the tensor data
+
+
+def _value_type_name(vtype: int) -> str:
+    return _VALUE_TYPES[vtype] if 0 <= vtype < len(_VALUE_TYPES) else f"unknown value type {vtype}"
 
 
 class _Cursor:
@@ -111,6 +129,11 @@ class _Cursor:
         self.buf = b""
         self.pos = 0
         self.what = "the header"
+        self.items = 0  # array items read so far (MAX_METADATA_ITEMS)
+
+    def corrupt(self, problem: str) -> GGUFError:
+        return GGUFError(f"{self.path} is corrupt: {problem}. The file is damaged or from an incompatible writer; "
+                         f"get or convert it again.")
 
     def need(self, n: int) -> None:
         end = self.pos + n
@@ -118,10 +141,13 @@ class _Cursor:
             raise GGUFError(
                 f"{self.path} is truncated (or corrupt): reading {self.what} needs bytes up to {end:,} but the "
                 f"file has only {self.file_size:,} bytes. The download or conversion was cut short; get the file again.")
+        if end > MAX_HEADER_BYTES:
+            raise self.corrupt(f"reading {self.what} goes past byte {end:,}, but a GGUF header is at most "
+                               f"{MAX_HEADER_BYTES:,} bytes")
         if end > len(self.buf):
             want = max(end - len(self.buf), _CHUNK, len(self.buf))  # grow geometrically
             self.f.seek(len(self.buf))
-            self.buf += self.f.read(want)
+            self.buf += self.f.read(min(want, MAX_HEADER_BYTES - len(self.buf)))
             if end > len(self.buf):  # the file shrank under us
                 raise GGUFError(f"{self.path} is truncated: could not read bytes up to {end:,} while reading "
                                 f"{self.what}. Get the file again.")
@@ -133,8 +159,10 @@ class _Cursor:
         self.pos += n
         return v[0] if len(v) == 1 else v
 
-    def string(self) -> str:
+    def string(self, limit: int = MAX_STRING_BYTES) -> str:
         n = self.unpack("<Q")
+        if n > limit:
+            raise self.corrupt(f"{self.what} declares a string of {n:,} bytes (the limit is {limit:,})")
         self.need(n)
         b = self.buf[self.pos:self.pos + n]
         self.pos += n
@@ -147,7 +175,7 @@ class _Cursor:
         self.pos += n
         return a
 
-    def value(self, vtype: int, key: str):
+    def value(self, vtype: int, key: str, depth: int = 0):
         if vtype == _STRING:
             return self.string()
         if vtype in _KV_STRUCT:
@@ -156,19 +184,26 @@ class _Cursor:
                 v = float(str(np.float32(v)))
             return v
         if vtype == _ARRAY:
-            itype, count = self.unpack("<I"), self.unpack("<Q")
-            if itype == _STRING:
-                if count * 8 > self.file_size - self.pos:
-                    self.need(count * 8)  # raises: cannot possibly fit
-                return [self.string() for _ in range(count)]
-            if itype in _KV_NUMPY:
-                return self.array(_KV_NUMPY[itype], count).tolist()
-            if itype == _ARRAY:
-                return [self.value(_ARRAY, key) for _ in range(count)]
-            raise GGUFError(f"{self.path} is corrupt: metadata key {key!r} is an array of unknown value type "
-                            f"{itype}. The file is damaged or from an incompatible writer; get or convert it again.")
-        raise GGUFError(f"{self.path} is corrupt: metadata key {key!r} has unknown value type {vtype}. "
-                        f"The file is damaged or from an incompatible writer; get or convert it again.")
+            return self.array_value(key, depth)
+        raise self.corrupt(f"metadata key {key!r} has {_value_type_name(vtype)}")
+
+    def array_value(self, key: str, depth: int) -> list:
+        itype, count = self.unpack("<I"), self.unpack("<Q")
+        if depth + 1 > MAX_ARRAY_DEPTH:
+            raise self.corrupt(f"metadata key {key!r} nests arrays more than {MAX_ARRAY_DEPTH} deep")
+        self.items += count
+        if count > MAX_ARRAY_ITEMS or self.items > MAX_METADATA_ITEMS:
+            raise self.corrupt(f"metadata key {key!r} declares an array of {count:,} items (the limit is "
+                               f"{MAX_ARRAY_ITEMS:,} per array and {MAX_METADATA_ITEMS:,} in all)")
+        if itype == _STRING:
+            self.need(count * 8)  # every string has at least its length: refuse a count the file cannot hold
+            return [self.string() for _ in range(count)]
+        if itype in _KV_NUMPY:
+            return self.array(_KV_NUMPY[itype], count).tolist()
+        if itype == _ARRAY:
+            self.need(count * 12)  # every inner array has at least its type and count
+            return [self.array_value(key, depth + 1) for _ in range(count)]
+        raise self.corrupt(f"metadata key {key!r} is an array of {_value_type_name(itype)}")
 
 
 def _not_gguf_hint(head: bytes) -> str:
@@ -233,58 +268,131 @@ def _parse_header(f, p: str, file_size: int) -> GGUFHeader:
                         f"{', '.join(map(str, SUPPORTED_VERSIONS))}: re-convert it with a current llama.cpp.")
     cur.what = "the tensor and key/value counts"
     n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise cur.corrupt(f"the header declares {n_tensors:,} tensors and {n_kv:,} metadata entries (picochat "
+                          f"reads at most {MAX_TENSORS:,} of each)")
+    metadata = _read_metadata(cur, n_kv)
+    infos = _read_tensor_infos(cur, n_tensors)
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{p} is corrupt: general.alignment is {alignment!r}, not a power of two.")
+    data_offset = -(-cur.pos // alignment) * alignment
+    tensors = _place_tensors(p, infos, alignment, data_offset, file_size)
+    return GGUFHeader(p, version, metadata, tensors, alignment, data_offset, file_size)
+
+
+def _read_metadata(cur: _Cursor, n_kv: int) -> dict[str, Any]:
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
         cur.what = f"metadata entry {i + 1} of {n_kv}"
-        key = cur.string()
+        key = cur.string(MAX_NAME_BYTES)
+        if key in metadata:  # which of the two values would be meant?
+            raise cur.corrupt(f"metadata key {key!r} appears twice")
         cur.what = f"metadata key {key!r}"
-        vtype = cur.unpack("<I")
-        metadata[key] = cur.value(vtype, key)
-    qtypes, quant_sizes = _ggml_types()
-    infos: list[tuple[str, tuple[int, ...], int, int]] = []
+        metadata[key] = cur.value(cur.unpack("<I"), key)
+    _check_metadata_types(cur, metadata)
+    return metadata
+
+
+# Keys other code reads, and the Python type of their value (list: (list, item type)). Checked at parse time
+# so that a wrong type is one clear error here, not a TypeError in the tokenizer or the config.
+_METADATA_TYPES = {
+    "general.architecture": str, "general.name": str, "general.alignment": int,
+    "tokenizer.ggml.model": str, "tokenizer.ggml.pre": str, "tokenizer.chat_template": str,
+    "tokenizer.ggml.add_bos_token": bool, "tokenizer.ggml.add_eos_token": bool,
+    "tokenizer.ggml.tokens": (list, str), "tokenizer.ggml.merges": (list, str),
+    "tokenizer.ggml.token_type": (list, int), "tokenizer.ggml.scores": (list, (int, float)),
+}
+
+
+def _check_metadata_types(cur: _Cursor, metadata: dict[str, Any]) -> None:
+    for key, value in metadata.items():
+        want = _METADATA_TYPES.get(key)
+        if want is None and key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+            want = int
+        if want is None:
+            continue
+        if isinstance(want, tuple):
+            ok = isinstance(value, list) and all(isinstance(x, want[1]) for x in value)
+        else:
+            ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if not ok:
+            raise cur.corrupt(f"metadata key {key!r} holds {_describe_value(value)}, not the "
+                              f"{'array' if isinstance(want, tuple) else 'value'} of the type it must have")
+
+
+def _describe_value(value) -> str:
+    if isinstance(value, list):
+        kinds = sorted({type(x).__name__ for x in value[:1000]})
+        return f"an array of {', '.join(kinds) or 'nothing'}"
+    return f"a {type(value).__name__} ({value!r:.40})"
+
+
+def _read_tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+    infos = []
     for i in range(n_tensors):
         cur.what = f"tensor info {i + 1} of {n_tensors}"
-        name = cur.string()
+        name = cur.string(MAX_NAME_BYTES)
         cur.what = f"the info of tensor {name!r}"
         n_dims = cur.unpack("<I")
         if not 1 <= n_dims <= 4:
-            raise GGUFError(f"{p} is corrupt: tensor {name!r} has {n_dims} dimensions (GGUF allows 1-4). "
+            raise GGUFError(f"{cur.path} is corrupt: tensor {name!r} has {n_dims} dimensions (GGUF allows 1-4). "
                             f"Get or convert the file again.")
         dims = tuple(int(d) for d in cur.array(np.uint64, n_dims))
         type_id, offset = cur.unpack("<I"), cur.unpack("<Q")
         infos.append((name, dims, type_id, offset))
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"{p} is corrupt: general.alignment is {alignment!r}, not a power of two.")
-    data_offset = -(-cur.pos // alignment) * alignment
+    return infos
 
+
+def _place_tensors(p: str, infos, alignment: int, data_offset: int, file_size: int) -> dict[str, GGUFTensorInfo]:
+    """Check every tensor's type, dims and byte region: inside the data section, aligned, not overlapping."""
     tensors: dict[str, GGUFTensorInfo] = {}
     for name, dims, type_id, offset in infos:
         if name in tensors:
             raise GGUFError(f"{p} is corrupt: tensor {name!r} appears twice. Get or convert the file again.")
-        try:
-            qtype = qtypes(type_id)
-            block, type_size = quant_sizes[qtype]
-        except (ValueError, KeyError):
-            raise GGUFError(f"{p}: tensor {name!r} has ggml type id {type_id}, which this gguf library does not "
-                            f"know (a newer llama.cpp type?); picochat supports {', '.join(SUPPORTED_TENSOR_TYPES)}. "
-                            f"Use a file quantized with one of those.") from None
-        if dims[0] % block:
-            raise GGUFError(f"{p} is corrupt: tensor {name!r} of type {qtype.name} has rows of {dims[0]} values, "
-                            f"not a multiple of its block size {block}.")
-        n_bytes = math.prod(dims) // block * type_size
-        start = data_offset + offset
-        if offset % alignment:
-            raise GGUFError(f"{p} is corrupt: tensor {name!r} starts at data offset {offset}, not a multiple of "
-                            f"the alignment {alignment}. Get or convert the file again.")
-        if start + n_bytes > file_size:
-            where = ("starts beyond the end of the file" if start >= file_size else "runs past the end of the file")
-            raise GGUFError(
-                f"{p} is truncated or corrupt: tensor {name!r} ({qtype.name}, shape {list(reversed(dims))}) "
-                f"occupies bytes {start:,}..{start + n_bytes:,} and {where} ({file_size:,} bytes). "
-                f"The download was probably interrupted; get the file again.")
-        tensors[name] = GGUFTensorInfo(name, dims, type_id, qtype.name, start, n_bytes)
-    return GGUFHeader(p, version, metadata, tensors, alignment, data_offset, file_size)
+        tensors[name] = _tensor_info(p, name, dims, type_id, offset, alignment, data_offset, file_size)
+    declared = sum(t.n_bytes for t in tensors.values())
+    if declared > file_size - data_offset:
+        raise GGUFError(f"{p} is corrupt: its {len(tensors)} tensors declare {declared:,} bytes of data but the "
+                        f"data section holds only {file_size - data_offset:,} bytes, so some must share bytes. "
+                        f"Get or convert the file again.")
+    ordered = sorted(tensors.values(), key=lambda t: (t.offset, t.n_bytes))
+    for a, b in zip(ordered, ordered[1:]):
+        if b.offset < a.offset + a.n_bytes:
+            raise GGUFError(f"{p} is corrupt: tensors {a.name!r} (bytes {a.offset:,}..{a.offset + a.n_bytes:,}) and "
+                            f"{b.name!r} (bytes {b.offset:,}..{b.offset + b.n_bytes:,}) overlap. "
+                            f"Get or convert the file again.")
+    return tensors
+
+
+def _tensor_info(p: str, name: str, dims: tuple[int, ...], type_id: int, offset: int, alignment: int,
+                 data_offset: int, file_size: int) -> GGUFTensorInfo:
+    qtypes, quant_sizes = _ggml_types()
+    try:
+        qtype = qtypes(type_id)
+        block, type_size = quant_sizes[qtype]
+    except (ValueError, KeyError):
+        raise GGUFError(f"{p}: tensor {name!r} has ggml type id {type_id}, which this gguf library does not "
+                        f"know (a newer llama.cpp type?); picochat supports {', '.join(SUPPORTED_TENSOR_TYPES)}. "
+                        f"Use a file quantized with one of those.") from None
+    if min(dims) < 1:
+        raise GGUFError(f"{p} is corrupt: tensor {name!r} has dims {list(dims)}; every dimension must be at least 1. "
+                        f"Get or convert the file again.")
+    if dims[0] % block:
+        raise GGUFError(f"{p} is corrupt: tensor {name!r} of type {qtype.name} has rows of {dims[0]} values, "
+                        f"not a multiple of its block size {block}.")
+    n_bytes = math.prod(dims) // block * type_size
+    start = data_offset + offset
+    if offset % alignment:
+        raise GGUFError(f"{p} is corrupt: tensor {name!r} starts at data offset {offset}, not a multiple of "
+                        f"the alignment {alignment}. Get or convert the file again.")
+    if start + n_bytes > file_size:
+        where = ("starts beyond the end of the file" if start >= file_size else "runs past the end of the file")
+        raise GGUFError(
+            f"{p} is truncated or corrupt: tensor {name!r} ({qtype.name}, shape {list(reversed(dims))}) "
+            f"occupies bytes {start:,}..{start + n_bytes:,} and {where} ({file_size:,} bytes). "
+            f"The download was probably interrupted; get the file again.")
+    return GGUFTensorInfo(name, dims, type_id, qtype.name, start, n_bytes)
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -318,10 +426,10 @@ def _llama3_rope_scaling(h: GGUFHeader, theta: float, head_dim: int) -> dict | N
     info = h.tensors.get("rope_freqs.weight")
     if info is None:
         return None
-    factors = _read_tensor(h, info).astype(np.float64).ravel()
-    if factors.shape[0] != head_dim // 2:
-        raise GGUFError(f"{h.path}: rope_freqs.weight has {factors.shape[0]} values, expected head_dim/2 = "
+    if info.n_elements != head_dim // 2:  # checked before reading: the header alone may claim any size
+        raise GGUFError(f"{h.path}: rope_freqs.weight has {info.n_elements:,} values, expected head_dim/2 = "
                         f"{head_dim // 2}. The file is inconsistent; re-convert it.")
+    factors = _read_tensor(h, info).astype(np.float64).ravel()
     if np.allclose(factors, 1.0):
         return None
     factor = float(factors.max())
@@ -348,6 +456,9 @@ def config_from_gguf(h: GGUFHeader) -> ModelConfig:
         return _config_from_gguf(h)
     except GGUFError:
         raise
+    except ConfigError as e:
+        raise GGUFError(f"{h.path}: its hyper-parameters do not form a valid model: {e}. "
+                        f"The file is corrupt or unusual; re-convert it.") from e
     except Exception as e:  # e.g. a corrupt value of the wrong type
         raise GGUFError(f"{h.path}: its hyper-parameters do not form a valid model config "
                         f"({type(e).__name__}: {e}). The file is corrupt or unusual; re-convert it.") from e
@@ -593,6 +704,76 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# ----------------------------------------------------------------------------- memory
+def available_memory() -> int | None:
+    """Bytes this process can still allocate without swapping, or None where that cannot be read.
+
+    Linux: MemAvailable, capped by the cgroup's limit (a container's memory.max) less what it uses
+    beyond reclaimable page cache. Elsewhere: the free physical pages, where the OS reports them.
+    """
+    found = [n for n in (_meminfo_available(), _cgroup_headroom()) if n is not None]
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, OSError, ValueError):
+            return None
+    return min(found)
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
+    """cgroup v2 (memory.max) or v1 (memory/memory.limit_in_bytes): limit - usage + inactive page cache."""
+    for limit, usage, stat, inactive in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                          "memory/memory.stat", "total_inactive_file")):
+        try:
+            with open(os.path.join(root, limit)) as f:
+                text = f.read().strip()
+            if text == "max" or int(text) >= 1 << 60:  # unlimited (v1 writes a huge number)
+                return None
+            with open(os.path.join(root, usage)) as f:
+                used = int(f.read().strip())
+            cache = 0
+            with open(os.path.join(root, stat)) as f:
+                for line in f:
+                    name, _, value = line.partition(" ")
+                    if name == inactive:
+                        cache = int(value)
+            return max(0, int(text) - used + cache)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_memory(need: int, what: str, error: type[ValueError] = GGUFError) -> None:
+    """Refuse, before allocating, a load that needs more memory than is available (`what`: "loading X")."""
+    have = available_memory()
+    if have is not None and need > have:
+        raise error(f"{what} needs about {need / 2**30:.2f} GiB of memory but only {have / 2**30:.2f} GiB is "
+                    f"available: close other programs, or use a smaller or more quantized model.")
+
+
+def _load_size(h: GGUFHeader, plan, keep_quantized: bool) -> int:
+    """Bytes load_gguf will hold: each tensor as float32 (or as its file bytes where it stays quantized), plus
+    the largest tensor once more while it is being dequantized."""
+    sizes = {}
+    for ours, g, _, _ in plan:
+        info = h.tensors[g]
+        quantized = keep_quantized and _keeps_quantized(ours, info)
+        sizes[g] = info.n_bytes if quantized else 4 * info.n_elements
+    return sum(sizes.values()) + max(sizes.values(), default=0)
+
+
 # ----------------------------------------------------------------------------- public API
 @dataclass
 class GGUFModel:
@@ -625,6 +806,7 @@ def load_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> GGUFMode
         cfg = config_from_gguf(h)
         plan = _tensor_plan(cfg)
         _check_plan(h, cfg, plan)  # all names, shapes and types are checked before any dequantization
+        check_memory(_load_size(h, plan, keep_quantized), f"loading {h.path}")
         sd: dict[str, torch.Tensor] = {}
         cache: dict[str, np.ndarray] = {}
         with open(h.path, "rb") as f:

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
@@ -125,54 +124,117 @@ def picochat_to_hf(sd: dict, config: ModelConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- load
+MAX_JSON_BYTES = 64 << 20  # config.json and the shard index are a few kB; refuse before reading a huge one
+
+
+def _read_json(path: Path):
+    """A small JSON file's value; CheckpointError for a missing, huge, undecodable or too deeply nested one."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path} is {path.stat().st_size:,} bytes, too large for a JSON settings file "
+                                  f"(the limit is {MAX_JSON_BYTES:,})")
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {type(e).__name__}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
+
+
 def read_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a HF folder's config.json; CheckpointError naming the file and the field."""
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json: not a Hugging Face model folder")
-    try:
-        hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    hf = _read_json(path)
     try:
         return ModelConfig.from_hf(hf)
-    except KeyError as e:
-        raise CheckpointError(f"{path} lacks the field {e.args[0]!r}") from None
-    except ValueError as e:
+    except ValueError as e:  # ConfigError: the message names the field
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _inside(folder: Path, name, what: str) -> Path:
+    """folder/name, refusing a name that leaves the folder: absolute, with '..', or a symlink pointing out.
+
+    A Hugging Face hub cache snapshot (…/snapshots/REV/) links its files to ../../blobs/, so there the
+    repository folder two levels up is the boundary.
+    """
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{what} names the file {name!r}, which is not a file name inside {folder}")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{what} names {name!r}, which is outside {folder}: a shard must be a file inside "
+                              f"the model folder")
+    root = folder.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    target = (folder / rel).resolve()
+    if not target.is_relative_to(root):
+        raise CheckpointError(f"{what} names {name!r}, which leads outside {folder} (to {target}); "
+                              f"a shard must be a file inside the model folder")
+    return folder / rel
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder (single file or shards listed by an index)."""
+    """The safetensors files of a folder (single file or shards listed by an index), all inside the folder."""
     single = folder / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [_inside(folder, single.name, str(folder))]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
-        missing = [n for n in names if not (folder / n).is_file()]
+        names = _shard_names(index)
+        paths = [_inside(folder, n, str(index)) for n in names]
+        missing = [n for n, p in zip(names, paths) if not p.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
-        return [folder / n for n in names]
+        return paths
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt*")):
         raise CheckpointError(f"{folder} holds only pickle weights (*.bin/*.pt); picochat loads safetensors only — "
                               "convert with transformers: model.save_pretrained(dir, safe_serialization=True)")
     raise CheckpointError(f"{folder} has no model.safetensors")
 
 
+def _shard_names(index: Path) -> list[str]:
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} is not a valid safetensors index: it needs a \"weight_map\" object "
+                              f"mapping tensor names to shard file names")
+    return sorted(set(weight_map.values()))
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; any refusal of the library (a header that lies about offsets, dtypes or shapes)
+    becomes a CheckpointError naming the file."""
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # SafetensorError, OSError, and whatever a future version raises for a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name!r} holds {str(t.dtype).removeprefix('torch.')} values; "
+                                  f"model weights must be floating point")
+    return tensors
+
+
 def load_hf_folder(folder) -> tuple[ModelConfig, dict]:
-    """Read a HF model folder -> (ModelConfig, picochat state dict)."""
+    """Read a HF model folder -> (ModelConfig, picochat state dict). Raises CheckpointError for a bad folder."""
+    from .gguf import check_memory
     folder = Path(folder)
     config = read_config(folder)
+    files = weight_files(folder)
+    check_memory(sum(f.stat().st_size for f in files), f"loading {folder}", CheckpointError)
     hf_sd = {}
-    for f in weight_files(folder):
-        try:
-            hf_sd.update(load_file(f))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
-    return config, hf_to_picochat(hf_sd, config)
+    for f in files:
+        tensors = _load_weights(f)
+        twice = sorted(set(tensors) & set(hf_sd))
+        if twice:
+            raise CheckpointError(f"{f}: tensor {twice[0]!r} is also in another shard; the folder is inconsistent")
+        hf_sd.update(tensors)
+    try:
+        return config, hf_to_picochat(hf_sd, config)
+    except RuntimeError as e:  # a tensor of the wrong rank (GPT-2's Conv1D transposes)
+        raise CheckpointError(f"{folder}: a tensor does not have the shape {config.architecture} needs ({e})") from None
 
 
 # --------------------------------------------------------------------------- save

@@ -1,0 +1,116 @@
+"""Helpers the serving and engine tests share: a live picochat server (create_app(...) served by uvicorn
+on a background thread, on 127.0.0.1 and a free port), a tiny random chat engine, and a wrapper to put
+faults or delays around a model."""
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import httpx
+import torch
+import uvicorn
+
+from picochat.config import ModelConfig
+from picochat.engine import Engine
+from picochat.model import GPT
+from picochat.server import create_app
+from picochat.tokenizer import Tokenizer
+
+
+def tiny_engine(text: str, vocab_size: int = 320, max_seq_len: int = 256) -> Engine:
+    """A 2-layer random GPT (seed 0) with picochat's chat tokenizer trained on `text`; <|end|> ends a turn."""
+    tok = Tokenizer.train([text], vocab_size=vocab_size)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                         intermediate_size=128, max_seq_len=max_seq_len, initializer_range=0.3,
+                         eos_token_id=tok.token_to_id("<|end|>"))
+    return Engine(GPT(config), tok)
+
+
+def sampler_failing_on_seed(sample_rows, seed: int = 666):
+    """engine.sample_rows, except that it raises for any batch holding a request with this seed."""
+
+    def faulty(logits, params, generators, seen=None):
+        if any(p.seed == seed for p in params):
+            raise FloatingPointError("injected sampler fault")
+        return sample_rows(logits, params, generators, seen)
+    return faulty
+
+
+class WrappedModel(torch.nn.Module):
+    """A model that behaves as `model` (its config and KV caches); subclasses change forward()."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def new_kv_cache(self, *args, **kwargs):
+        return self.model.new_kv_cache(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class SlowModel(WrappedModel):
+    """`model`, `delay` seconds slower per forward pass (a stream still running when the test acts)."""
+
+    def __init__(self, model, delay: float):
+        super().__init__(model)
+        self.delay = delay
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.model(*args, **kwargs)
+
+
+class LiveServer:
+    """create_app(load_engine, model_id, **kwargs) served at self.url until close()."""
+
+    def __init__(self, load_engine, model_id: str, **kwargs):
+        self.app = create_app(load_engine, model_id, **kwargs)
+        self.model_id = model_id
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    @property
+    def state(self):
+        return self.app.state.picochat
+
+    def wait_loaded(self, timeout: float = 60):
+        """Until the model has loaded (and /health says so)."""
+        self.state.loaded.wait(timeout=timeout)
+        assert self.state.batcher is not None, self.state.load_error
+        assert httpx.get(self.url + "/health").status_code == 200
+
+    def post(self, path: str, body, **kwargs) -> httpx.Response:
+        """POST a JSON body (a dict, or raw bytes sent as they are)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(self.url + path, content=data, headers={"content-type": "application/json"},
+                          timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def chat(self, messages, api_key=None, **body) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/v1/chat/completions", method="POST",
+            data=json.dumps({"model": self.model_id, "messages": messages, **body}).encode(),
+            headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
