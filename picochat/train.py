@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import PRESETS, ModelConfig
 from .data import DataError, TokenStream, read_meta
+from .evaluation import validation_loss
 from .formats.atomic import atomic_write, atomic_write_text, fsync_dir, fsync_tree
 from .formats.hf import CheckpointError, load_hf_folder, read_config, save_hf_folder
 from .formats.runs import (CHECKPOINT_FORMAT, TRAIN_STATE, CheckpointWarning,  # noqa: F401 (re-exported)
@@ -629,28 +630,6 @@ def load_checkpoint_state(folder: Path, finetune=None) -> tuple[dict, dict, dict
 
 
 # ----------------------------------------------------------------------------- evaluation and samples
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, token_bytes: torch.Tensor, autocast, info: DistInfo) -> tuple[float, float]:
-    """(mean validation loss in nats per token, bits per byte) over `batches`, summed across processes.
-
-    bits per byte = total NLL over the target tokens / (ln 2 × the UTF-8 bytes those tokens decode to):
-    unlike the loss, it does not depend on the tokenizer, so differently-tokenized models compare.
-    """
-    totals = torch.zeros(3, dtype=torch.float64, device=info.device)  # nll, tokens, bytes
-    for x, y in batches:
-        x, y = x.to(info.device), y.to(info.device)
-        with autocast:
-            _, loss = model(x, y)
-        valid = y != -100
-        n = valid.sum()
-        totals[0] += loss.double() * n if n else 0.0
-        totals[1] += n
-        totals[2] += token_bytes[y[valid]].sum()
-    all_reduce_sum(totals, info)
-    nll, n, nbytes = totals.tolist()
-    return nll / max(n, 1), nll / (math.log(2) * max(nbytes, 1))
-
-
 def sample_text(model: GPT, tokenizer: Tokenizer, config: TrainConfig) -> str:
     """The sample prompt and what the model writes after it (through the Engine, on the CPU)."""
     from .engine import Engine, SamplingParams
@@ -904,8 +883,9 @@ def _run(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, c
         nonlocal last_saved
         if val_data is not None and (step == 0 or due(config.eval_interval, final)):
             val_data.load_state_dict({"position": 0, "epoch": 0})  # the same validation tokens every time
-            record["val_loss"], record["val_bpb"] = evaluate(
-                model, (val_data.next_batch() for _ in range(n_eval)), token_bytes, autocast, info)
+            record["val_loss"], record["val_bpb"] = validation_loss(
+                model, (val_data.next_batch() for _ in range(n_eval)), token_bytes, autocast,
+                reduce=lambda totals: all_reduce_sum(totals, info))
             result.val_loss, result.val_bpb = record["val_loss"], record["val_bpb"]
         if step > 0 and due(config.sample_interval, final) and config.sample_tokens > 0:
             sampler = sampling_model()

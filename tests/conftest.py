@@ -27,3 +27,20 @@ def smollm2_path() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the checks marked slow (minutes each)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes long; run with --runslow (the README lists them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -223,6 +223,7 @@ def test_muon_trains(data_dir, tmp_path):
 
 
 def test_bits_per_byte_counts_the_bytes_of_unmasked_targets(data_dir):
+    from picochat.evaluation import validation_loss
     from picochat.tokenizer import Tokenizer
     tok = Tokenizer.from_file(data_dir / "tokenizer")
     token_bytes = torch.from_numpy(tok.token_byte_lengths())
@@ -233,7 +234,7 @@ def test_bits_per_byte_counts_the_bytes_of_unmasked_targets(data_dir):
     x = torch.tensor([tok.encode(text, add_special_tokens=True)])
     y = torch.roll(x, -1, dims=1)
     y[0, :3] = -100  # masked targets count neither in the loss nor in the bytes
-    loss, bpb = train.evaluate(model, [(x, y)], token_bytes, torch.autocast("cpu", enabled=False), train.DistInfo())
+    loss, bpb = validation_loss(model, [(x, y)], token_bytes, torch.autocast("cpu", enabled=False))
     logits, _ = model(x)
     nll = torch.nn.functional.cross_entropy(logits[0], y[0], ignore_index=-100, reduction="sum").item()
     n_bytes = int(token_bytes[y[0, 3:]].sum())
