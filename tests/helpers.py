@@ -38,6 +38,18 @@ def sampler_failing_on_seed(sample_rows, seed: int = 666):
     return faulty
 
 
+def save_tiny_folder(folder, text: str):
+    """A tiny random picochat model (seed 0) with a tokenizer trained on `text`, saved as a HF folder."""
+    from picochat.formats.hf import save_hf_folder
+    tok = Tokenizer.train([text], vocab_size=300)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                         intermediate_size=64, max_seq_len=128, initializer_range=0.2,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    save_hf_folder(GPT(config), folder, tokenizer=tok)
+    return folder
+
+
 class WrappedModel(torch.nn.Module):
     """A model that behaves as `model` (its config and KV caches); subclasses change forward()."""
 

@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from picochat import cli, models
-from picochat.config import ModelConfig
 from picochat.engine import Engine, SamplingParams
-from picochat.formats.hf import save_hf_folder
-from picochat.model import GPT
-from picochat.tokenizer import Tokenizer
+
+from helpers import save_tiny_folder
 
 TEXT = "Hello there! How are you today? I am fine, thank you. 你好，世界。\n" * 30
 
@@ -19,14 +17,7 @@ TEXT = "Hello there! How are you today? I am fine, thank you. 你好，世界。
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random picochat model with a trained tokenizer, saved as a HF folder."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tok = Tokenizer.train([TEXT], vocab_size=300)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
-                         intermediate_size=64, max_seq_len=128, initializer_range=0.2,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    save_hf_folder(GPT(config), folder, tokenizer=tok)
-    return folder
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny"), TEXT)
 
 
 def run(argv, capsys, stdin=None, monkeypatch=None):

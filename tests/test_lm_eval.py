@@ -13,13 +13,11 @@ import torch
 import yaml
 
 from picochat import models
-from picochat.config import ModelConfig
 from picochat.engine import Engine, SamplingParams
 from picochat.eval_models import LocalModel, split_tokens
-from picochat.formats.hf import save_hf_folder
 from picochat.lm_eval_plugin import PicochatLM, cut_at_stops, sampling_params
-from picochat.model import GPT
-from picochat.tokenizer import Tokenizer
+
+from helpers import save_tiny_folder
 
 TEXT = ("The sun rises in the east and sets in the west. Water boils at one hundred degrees. "
         "Paris is the capital of France. Cats and dogs are animals; a rose is a flower.\n") * 20
@@ -39,14 +37,7 @@ OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFL
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random picochat model with a trained tokenizer, saved as a HF folder."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tok = Tokenizer.train([TEXT], vocab_size=300)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
-                         intermediate_size=64, max_seq_len=128, initializer_range=0.2,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    save_hf_folder(GPT(config), folder, tokenizer=tok)
-    return folder
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny"), TEXT)
 
 
 @pytest.fixture(scope="module")
