@@ -163,14 +163,14 @@ def test_echo_scoring_waits_in_the_same_queue(engine):
     slow = Engine(SlowModel(engine.model, 0.05), engine.tokenizer)
     with LiveServer(lambda: slow, "tiny", max_batch=1, max_queue=1) as live:
         live.wait_loaded()
-        long = chat(max_tokens=60, stream=True)
+        long = chat(max_tokens=60, stream=True, temperature=0)   # greedy: all 60 tokens, no early stop
         threads = [threading.Thread(target=live.post, args=("/v1/chat/completions", long)) for _ in range(2)]
-        for t in threads:
-            t.start()
-        deadline = time.time() + 10
-        while not (live.state.batcher.busy and live.state.batcher.queue_length):
-            assert time.time() < deadline
-            time.sleep(0.01)
+        batcher, deadline = live.state.batcher, time.time() + 30
+        for t, ready in zip(threads, (lambda: batcher.busy, lambda: batcher.busy and batcher.queue_length)):
+            t.start()  # one at a time: the first must hold the row before the second takes the queue's place
+            while not ready():
+                assert time.time() < deadline
+                time.sleep(0.01)
         r = live.post("/v1/completions", {"model": "tiny", "prompt": "Hello there", "max_tokens": 0,
                                           "echo": True, "logprobs": 1})
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
@@ -185,7 +185,7 @@ def test_a_request_past_the_time_limit_gets_504(engine):
     slow = Engine(SlowModel(engine.model, 0.05), engine.tokenizer)
     with LiveServer(lambda: slow, "tiny", request_timeout=0.5) as live:
         live.wait_loaded()
-        r = live.post("/v1/chat/completions", chat(max_tokens=100))
+        r = live.post("/v1/chat/completions", chat(max_tokens=100, temperature=0))  # greedy: all 100 tokens
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
         assert live.post("/v1/chat/completions", chat(max_tokens=2)).status_code == 200
 
@@ -249,7 +249,7 @@ def start_server(tmp_path, grace: float):
 def stream_through_sigterm(proc, url, max_tokens) -> list:
     """Stream a chat reply, SIGTERM the server after the first piece, return every event received."""
     events = []
-    body = {"model": "tiny", "messages": HELLO, "max_tokens": max_tokens, "stream": True, "temperature": 0.8,
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": max_tokens, "stream": True, "temperature": 0,
             "stop": []}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
