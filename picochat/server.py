@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP API (and the web chat page) over the generation engine.
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health   GET /metrics   GET /
+    POST /v1/chat/completions   POST /v1/completions   POST /v1/embeddings
+    GET /v1/models   GET /v1/kb   GET /health   GET /metrics   GET /
 
 Every request takes one path: its body is parsed and checked against its schema (schemas.py), mapped
 to the engine's terms (prompt ids and SamplingParams: `chat_to_engine`, `completion_to_engine`), run
@@ -8,10 +9,16 @@ by the Batcher (`run_generation`: its events arrive as text pieces), and the fin
 written in OpenAI's shape (`chat_response`, `completion_response`, or one streaming writer, `sse_stream`,
 for both). Generation runs on the Batcher's thread: decode steps of all active requests share one
 forward pass; a client that disconnects stops its generation; a request that fails ends alone.
+
+With `--kb`, a chat request is grounded in a knowledge base first (assistant.py: retrieve, then a prompt
+with numbered sources, or a decline with no generation); the reply gets its sources appended and the
+response an extra `retrieval` field. Retrieval and embeddings also run on the Batcher's thread (between
+decode steps), so the sentence encoder and the model never compete for the CPU's cores.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -27,8 +34,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import assistant
 from .engine import Batcher, Engine, Generation, QueueFull, SamplingParams, TokenLogprob
-from .schemas import MAX_BODY_BYTES, ChatRequest, CompletionRequest, RequestError, parse_json, validate
+from .schemas import (MAX_BODY_BYTES, ChatRequest, CompletionRequest, EmbeddingRequest, RequestError, parse_json,
+                      validate)
 
 REQUEST_TIMEOUT = 600.0   # seconds a request may wait and generate before it ends with an error
 SHUTDOWN_GRACE = 10.0     # seconds in-flight requests get to finish after SIGTERM
@@ -58,8 +67,9 @@ class ServerState:
     """The loaded model and engine (loaded on a background thread so /health can answer meanwhile), and counters."""
 
     def __init__(self, load_engine, model_id: str, api_key: str | None, max_batch: int, max_queue: int,
-                 max_len: int | None, request_timeout: float):
+                 max_len: int | None, request_timeout: float, knowledge: "Knowledge | None" = None):
         self.model_id, self.api_key, self.request_timeout = model_id, api_key, request_timeout
+        self.knowledge = knowledge or Knowledge()
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
@@ -94,28 +104,81 @@ class ServerState:
             raise APIError(503, "the model is still loading; retry shortly", type="server_error", code="loading")
         return self.batcher
 
+    async def on_engine_thread(self, fn):
+        """fn()'s result, run on the batcher's thread between decode steps (knowledge bases, embeddings)."""
+        try:
+            return await asyncio.wrap_future(self.ready().call(fn))
+        except APIError:
+            raise
+        except (FileNotFoundError, ValueError) as e:  # a missing embedding model, a knowledge base problem
+            raise APIError(503, str(e), type="server_error") from None
+
     def count(self, path: str, status: int):
         route = path if path in self.routes else "unmatched"  # raw paths would grow the metrics without bound
         self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
 
 
+class Knowledge:
+    """The knowledge bases a server was started with (`serve --kb NAME`), and the sentence encoder behind
+    them and /v1/embeddings. Opened lazily and used only on the batcher's thread (SQLite connections and
+    the encoder stay on the thread that made them)."""
+
+    def __init__(self, names: list[str] | None = None, open_kb: Callable | None = None,
+                 load_encoder: Callable | None = None, min_similarity: float = assistant.MIN_SIMILARITY):
+        self.names = list(names or [])
+        self.open_kb, self.load_encoder, self.min_similarity = open_kb, load_encoder, min_similarity
+        self._kbs: dict = {}
+        self._encoder = None
+
+    def kb(self, name: str):
+        if name not in self._kbs:
+            self._kbs[name] = self.open_kb(name, encoder=self.encoder())
+        return self._kbs[name]
+
+    def encoder(self):
+        if self._encoder is None:
+            if self.load_encoder is None:
+                raise FileNotFoundError("this server has no embedding model")
+            self._encoder = self.load_encoder()
+        return self._encoder
+
+    def choose(self, requested) -> str | None:
+        """The knowledge base a chat request asks for: its `kb` field, else the server's first."""
+        if requested is False or (requested is None and not self.names):
+            return None
+        if requested is None or requested is True:
+            if not self.names:
+                raise APIError(400, "this server has no knowledge base (start it with --kb NAME)", "kb")
+            return self.names[0]
+        if requested not in self.names:
+            served = ", ".join(self.names) or "none"
+            raise APIError(400, f"unknown knowledge base '{requested}'; this server has: {served}", "kb",
+                           "kb_not_found")
+        return requested
+
+
 # --------------------------------------------------------------------------- request -> engine
 async def read_request(request: Request, schema):
     """The body, parsed and validated against schema, for this server's model."""
+    body = await read_body(request, schema)
+    model_id = request.app.state.picochat.model_id
+    if body.model != model_id:
+        raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{model_id}'",
+                       "model", "model_not_found")
+    return body
+
+
+async def read_body(request: Request, schema):
+    """The body, read up to the size limit, parsed and validated against schema."""
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes", code="request_too_large")
     try:
-        body = validate(schema, parse_json(bytes(raw)))
+        return validate(schema, parse_json(bytes(raw)))
     except RequestError as e:
         raise APIError.from_request_error(e) from None
-    model_id = request.app.state.picochat.model_id
-    if body.model != model_id:
-        raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{model_id}'",
-                       "model", "model_not_found")
-    return body
 
 
 def sampling_params(body, prompt_ids: list[int], context: int, max_tokens: int | None,
@@ -133,12 +196,14 @@ def sampling_params(body, prompt_ids: list[int], context: int, max_tokens: int |
                           repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop_list())
 
 
-def chat_to_engine(state: ServerState, body: ChatRequest) -> tuple[list[int], SamplingParams]:
-    """A chat request as prompt ids (the chat template over the messages) and sampling settings."""
+def chat_to_engine(state: ServerState, body: ChatRequest,
+                   messages: list[dict] | None = None) -> tuple[list[int], SamplingParams]:
+    """A chat request as prompt ids (the chat template over the messages — or over `messages`, the
+    grounded conversation, when a knowledge base answers) and sampling settings."""
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     try:
-        prompt_ids = state.engine.chat_prompt(body.message_dicts())
+        prompt_ids = state.engine.chat_prompt(messages if messages is not None else body.message_dicts())
     except ValueError as e:
         raise APIError(400, f"cannot render the chat template: {e}", "messages") from None
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
@@ -325,16 +390,44 @@ async def submit(request: Request, schema, to_engine):
     return state, body, prompt_ids, gen, pieces
 
 
+async def ground_chat(state: ServerState, body: ChatRequest) -> "assistant.Grounding | None":
+    """Retrieval for a chat request, when a knowledge base applies to it (None when none does)."""
+    name = state.knowledge.choose(body.kb)
+    if name is None:
+        return None
+    try:
+        question = assistant.question_of(body.message_dicts())
+    except ValueError as e:
+        raise APIError(400, str(e), "messages") from None
+    knowledge = state.knowledge
+    grounding = await state.on_engine_thread(
+        lambda: assistant.ground(knowledge.kb(name), question, min_similarity=knowledge.min_similarity))
+    grounding.kb = name
+    return grounding
+
+
 async def chat_completions(request: Request):
-    state, body, _, gen, pieces = await submit(request, ChatRequest, chat_to_engine)
+    state: ServerState = request.app.state.picochat
+    body = await read_request(request, ChatRequest)
+    state.ready()
+    grounding = await ground_chat(state, body)
+    if grounding is not None and grounding.declined:
+        return declined_response(state, body, grounding)
+    messages = assistant.grounded_messages(body.message_dicts(), grounding) if grounding else None
+    prompt_ids, params = chat_to_engine(state, body, messages)
+    gen, pieces = await run_generation(state, request, prompt_ids, params)
     rid, created, top_n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.top_logprobs
     tokenizer = state.engine.tokenizer
+    retrieval = {"retrieval": {"kb": grounding.kb, **grounding.as_dict()}} if grounding else {}
+    footer = (lambda: assistant.footer_of(gen.text, grounding)) if grounding else (lambda: "")
 
     def chunk(delta, finish=None, logprobs=None) -> dict:
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
     if body.stream:
+        if grounding:
+            pieces = with_footer(pieces, footer)
         sent = [0]  # tokens whose logprobs have gone out
 
         def piece(text, n):
@@ -343,16 +436,86 @@ async def chat_completions(request: Request):
                 lp = chat_logprobs(token_entries(tokenizer, gen.logprobs[sent[0]:n], top_n))
                 sent[0] = n
             return chunk({"content": text}, logprobs=lp)
-        shape = StreamShape(first=chunk({"role": "assistant", "content": ""}), piece=piece,
+        shape = StreamShape(first={**chunk({"role": "assistant", "content": ""}), **retrieval}, piece=piece,
                             final=lambda: chunk({}, finish=gen.finish_reason),
                             usage=lambda: {**chunk({}), "choices": [], "usage": usage(gen)})
         return streaming_response(sse_stream(pieces, shape, body.include_usage))
     await finish(pieces)
     logprobs = chat_logprobs(token_entries(tokenizer, gen.logprobs, top_n)) if body.logprobs else None
     return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text + footer()},
                          "logprobs": logprobs, "finish_reason": gen.finish_reason}],
-            "usage": usage(gen), "timings": timings(gen)}
+            "usage": usage(gen), "timings": timings(gen), **retrieval}
+
+
+async def with_footer(pieces, footer: Callable[[], str]):
+    """The stream's pieces, then the sources footer (known once the reply is complete)."""
+    n = 0
+    async for piece, n in pieces:
+        yield piece, n
+    text = footer()
+    if text:
+        yield text, n
+
+
+def declined_response(state: ServerState, body: ChatRequest, grounding: "assistant.Grounding"):
+    """Nothing relevant in the knowledge base: the hand-off text, with no generation at all."""
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    retrieval = {"kb": grounding.kb, **grounding.as_dict()}
+    no_usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+    def chunk(delta, finish=None) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_id,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if body.stream:
+        events = [{**chunk({"role": "assistant", "content": ""}), "retrieval": retrieval},
+                  chunk({"content": grounding.decline_text}), chunk({}, "stop")]
+        if body.include_usage:
+            events.append({**chunk({}), "choices": [], "usage": no_usage})
+
+        async def stream():
+            for event in events:
+                yield _sse(event)
+            yield "data: [DONE]\n\n"
+        return streaming_response(stream())
+    return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": grounding.decline_text},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": no_usage, "retrieval": retrieval}
+
+
+async def embeddings(request: Request):
+    """OpenAI's embeddings endpoint, from the knowledge bases' sentence encoder (all-MiniLM-L6-v2)."""
+    state: ServerState = request.app.state.picochat
+    body = await read_body(request, EmbeddingRequest)
+    state.ready()
+    encoder = await state.on_engine_thread(state.knowledge.encoder)
+    if body.model not in (encoder.name, state.model_id):
+        raise APIError(404, f"the model '{body.model}' does not exist; this server embeds with '{encoder.name}'",
+                       "model", "model_not_found")
+    if body.dimensions is not None and body.dimensions != encoder.dim:
+        raise APIError(400, f"'{encoder.name}' embeds in {encoder.dim} dimensions; 'dimensions' must be "
+                            f"{encoder.dim} or absent", "dimensions")
+    texts = body.texts()
+    vectors, counts = await state.on_engine_thread(lambda: (encoder.encode(texts), encoder.count_tokens(texts)))
+    data = [{"object": "embedding", "index": i, "embedding": embedding_value(v, body.encoding_format)}
+            for i, v in enumerate(vectors)]
+    tokens = int(sum(counts))
+    return {"object": "list", "data": data, "model": encoder.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def embedding_value(vector, encoding_format: str):
+    """A vector as OpenAI sends it: a list of floats, or base64 of little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+async def list_knowledge_bases(request: Request):
+    """The knowledge bases this server answers from (the chat page's switch)."""
+    return {"object": "list", "data": [{"id": name, "object": "knowledge_base"}
+                                       for name in request.app.state.picochat.knowledge.names]}
 
 
 async def completions(request: Request):
@@ -461,9 +624,11 @@ async def guard(request: Request, call_next):
 
 
 def create_app(load_engine, model_id: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, max_len: int | None = None, request_timeout: float = REQUEST_TIMEOUT) -> FastAPI:
-    """The FastAPI app. load_engine() -> Engine is called once, on a background thread."""
-    state = ServerState(load_engine, model_id, api_key, max_batch, max_queue, max_len, request_timeout)
+               max_queue: int = 64, max_len: int | None = None, request_timeout: float = REQUEST_TIMEOUT,
+               knowledge: Knowledge | None = None) -> FastAPI:
+    """The FastAPI app. load_engine() -> Engine is called once, on a background thread; `knowledge` holds
+    the knowledge bases (and embedding model) it answers from."""
+    state = ServerState(load_engine, model_id, api_key, max_batch, max_queue, max_len, request_timeout, knowledge)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -479,6 +644,8 @@ def create_app(load_engine, model_id: str, api_key: str | None = None, max_batch
     app.middleware("http")(guard)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
+    app.add_api_route("/v1/kb", list_knowledge_bases, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])

@@ -1,13 +1,15 @@
 """Helpers the serving and engine tests share: a live picochat server (create_app(...) served by uvicorn
-on a background thread, on 127.0.0.1 and a free port), a tiny random chat engine, and a wrapper to put
-faults or delays around a model."""
+on a background thread, on 127.0.0.1 and a free port), a tiny random chat engine, a wrapper to put
+faults or delays around a model, and a stand-in knowledge base and sentence encoder."""
 import json
 import socket
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import httpx
+import numpy as np
 import torch
 import uvicorn
 
@@ -38,13 +40,13 @@ def sampler_failing_on_seed(sample_rows, seed: int = 666):
     return faulty
 
 
-def save_tiny_folder(folder, text: str):
+def save_tiny_folder(folder, text: str, max_seq_len: int = 128):
     """A tiny random picochat model (seed 0) with a tokenizer trained on `text`, saved as a HF folder."""
     from picochat.formats.hf import save_hf_folder
     tok = Tokenizer.train([text], vocab_size=300)
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
-                         intermediate_size=64, max_seq_len=128, initializer_range=0.2,
+                         intermediate_size=64, max_seq_len=max_seq_len, initializer_range=0.2,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     save_hf_folder(GPT(config), folder, tokenizer=tok)
     return folder
@@ -126,3 +128,49 @@ class LiveServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ----------------------------------------------------------------------------- a stand-in knowledge base
+@dataclass
+class FakeHit:
+    source: str
+    section: str
+    text: str
+    similarity: float
+    score: float = 0.0
+    bm25_rank: int | None = 1
+    vector_rank: int = 1
+
+
+class FakeKB:
+    """A knowledge base whose search answers from a table: relevant for questions about returns."""
+
+    def __init__(self):
+        self.settings = {"handoff": "I don't know that one; shall I put you through to a colleague?"}
+        self.searched = []
+
+    def search(self, query, k=5):
+        self.searched.append(query)
+        if "return" not in query.lower():
+            return [FakeHit("/docs/faq.md", "Parking", "Parking is behind the shop.", 0.05)]
+        return [FakeHit("/docs/policies.md", "Returns", "Returns are accepted within 30 days.", 0.71),
+                FakeHit("/docs/policies.md", "Refunds", "Refunds take 5 days.", 0.65),
+                FakeHit("/docs/faq.md", "Parking", "Parking is behind the shop.", 0.12)][:k]
+
+    def setting(self, key, default=None):
+        return self.settings.get(key, default)
+
+    def embed(self, texts):
+        return FakeEncoder().encode(texts)
+
+
+class FakeEncoder:
+    name, dim, max_tokens = "fake-embedder", 8, 256
+
+    def encode(self, texts, batch_size=32):
+        rng = [np.random.default_rng(sum(t.encode())) for t in texts]
+        v = np.stack([r.standard_normal(self.dim) for r in rng]).astype(np.float32) if texts else np.zeros((0, 8))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def count_tokens(self, texts):
+        return [len(t.split()) for t in texts]

@@ -99,13 +99,15 @@ class ScriptedModel(torch.nn.Module):
             start = int(kv_cache.lengths[b])
             history[b, start:start + T] = idx[b].float()
             tokens = history[b, :start + T].long().tolist()
+            if self.assistant not in tokens:  # a long prompt's first chunks: nothing to say yet
+                continue
             prompt_end = len(tokens) - tokens[::-1].index(self.assistant)  # just after the last <|assistant|>
             script = self.pick(tokens[:prompt_end])
             step = len(tokens) - prompt_end
             logits[b, 0, self.scripts[script][min(step, len(self.scripts[script]) - 1)]] = 0.0
             picked.append(script)
         kv_cache.lengths += T
-        time.sleep(max(self.delays[s] for s in picked))
+        time.sleep(max((self.delays[s] for s in picked), default=0.0))
         return logits, None
 
 
@@ -365,3 +367,39 @@ def test_phone_and_desktop_layouts(open_page, scripted, tmp_path):
     page.click(".conversation .open")
     page.wait_for_timeout(300)
     assert page.locator("#sidebar").bounding_box()["x"] < 0  # picking a conversation closes the drawer
+
+
+def test_knowledge_base_switch_citation_links_and_decline(browser, open_page, tokenizer):
+    from helpers import FakeEncoder, FakeKB
+    from picochat.server import Knowledge
+    kb = FakeKB()
+    knowledge = Knowledge(["shop"], open_kb=lambda name, encoder: kb, load_encoder=FakeEncoder)
+    with LiveServer(lambda: scripted_engine(tokenizer), "scripted", knowledge=knowledge) as server:
+        server.wait_loaded()
+        page = open_page(server)
+        page.click("#open-settings")
+        expect(page.locator("#kb-field")).to_be_visible()
+        assert page.locator("#kb option").all_inner_texts() == ["none: the model alone", "shop"]
+        expect(page.locator("#kb")).to_have_value("shop")   # the server's knowledge base by default
+        page.click("#close-settings")
+
+        reply = send(page, "Can I return my boots?")
+        link = reply.locator(".content a.cite").first        # [1] of the sources footer, as a link
+        expect(link).to_have_text("[1]")
+        assert "policies.md § Returns" in link.get_attribute("title")
+        item = reply.locator(".sources li").first
+        assert link.get_attribute("href") == "#" + item.get_attribute("id")
+        expect(item).to_contain_text("Returns are accepted within 30 days.")
+        assert "Sources: [1] policies.md § Returns" in reply.locator(".content").inner_text()
+
+        declined = send(page, "Who won the world cup?")
+        expect(declined.locator(".content")).to_have_text(kb.settings["handoff"])
+        assert declined.locator(".sources").count() == 0
+
+        page.click("#open-settings")
+        page.select_option("#kb", "off")
+        page.click("#close-settings")
+        plain = send(page, "Can I return my boots?")
+        assert plain.locator(".sources").count() == 0 and "Sources:" not in plain.locator(".content").inner_text()
+        page.reload()   # the sources are kept with the conversation
+        expect(page.locator(".msg.assistant").first.locator(".sources li").first).to_contain_text("30 days")

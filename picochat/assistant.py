@@ -1,0 +1,216 @@
+"""Answers grounded in a knowledge base: retrieval, the prompt that carries the passages, citations, and
+the honest "I don't know" — shared by `picochat chat --kb`, `picochat ask`, the server's `--kb` and the
+benchmarks, so each of them answers the same way.
+
+One turn:
+  1. retrieve: the knowledge base's hybrid search (kb.py) for the user's message; a passage counts as
+     relevant when it is close in meaning (cosine similarity at least STRONG_SIMILARITY), or fairly close
+     (at least `min_similarity`) and shares a word with the question (it is in the keyword ranking) —
+     "Do you sell kayaks?" is fairly close to a page of product prices, but no passage says "kayak";
+  2. nothing relevant -> decline: the knowledge base's hand-off text, and no generation at all (a small
+     model told "say you don't know" still invents; not asking it is the reliable way);
+  3. otherwise the user's message is sent with the passages numbered [1], [2], ... (only those close to
+     the best one: a small model mixes up near neighbours it is given) under the knowledge base's
+     persona (system prompt), and the reply is followed by the sources it cites (all of them when it
+     cites none), each as file § section, and by the evidence: the one sentence of the sources closest
+     in meaning to the question, verbatim — what the customer can trust even when a small model's own
+     sentence goes wrong (benchmarks/apps.py measures both).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIN_SIMILARITY = 0.25     # all-MiniLM-L6-v2 cosine: below it, a passage is not relevant ...
+STRONG_SIMILARITY = 0.45  # ... from it on, it is; between the two, only with a word of the question in it
+                          # (chosen on the shop benchmark's training paraphrases and its calibration
+                          # questions: benchmarks/apps.py; the README gives the distributions)
+TOP_K = 3               # passages per question, at most
+NEAR_BEST = 0.10        # ... and only those within this similarity of the best one
+DEFAULT_PERSONA = ("You are a helpful customer-service assistant. Answer the customer's question using only "
+                   "the numbered sources you are given, briefly, and cite them like [1].")
+DEFAULT_HANDOFF = ("I'm sorry, I don't know the answer to that from our documents. Would you like me to pass "
+                   "your question to a member of our team?")
+SOURCE_CHARS = 700      # of each passage in the prompt (passages are ~800 characters; keeps 3 within 1K tokens)
+_CITATION = re.compile(r"\[(\d{1,2})\]")
+
+
+@dataclass
+class Source:
+    """One passage given to the model, under the number it is cited by."""
+    number: int
+    source: str         # the document's path
+    section: str        # its heading path ("Delivery › Returns"), or "" for none
+    text: str
+    similarity: float   # cosine similarity to the question
+
+    @property
+    def label(self) -> str:
+        name = Path(self.source).name
+        return f"{name} § {self.section}" if self.section else name
+
+    def as_dict(self) -> dict:
+        return {"index": self.number, "source": self.source, "section": self.section, "label": self.label,
+                "similarity": round(self.similarity, 4), "text": self.text}
+
+
+@dataclass
+class Grounding:
+    """What retrieval decided for one user message."""
+    query: str
+    sources: list[Source] = field(default_factory=list)
+    declined: bool = False
+    decline_text: str = ""
+    prompt: str = ""            # the user message to send: the question with its numbered sources
+    persona: str = DEFAULT_PERSONA
+    kb: str = ""                # the knowledge base's name, where it has one
+    quote: str | None = None    # the evidence: the sources' sentence closest to the question, verbatim
+    quote_source: int | None = None   # ... and the number of the source it is from
+
+    def as_dict(self) -> dict:  # the API's `retrieval` field (OpenAI clients ignore it)
+        return {"query": self.query, "declined": self.declined, "sources": [s.as_dict() for s in self.sources],
+                "quote": self.quote, "quote_source": self.quote_source}
+
+
+def relevant(hit, min_similarity: float = MIN_SIMILARITY, strong: float = STRONG_SIMILARITY) -> bool:
+    """Whether a search hit is evidence for the question: close in meaning, or fairly close and sharing
+    one of its words (bm25_rank is None for a passage the keyword search did not find)."""
+    return hit.similarity >= strong or (hit.similarity >= min_similarity and hit.bm25_rank is not None)
+
+
+def retrieve(kb, query: str, k: int = TOP_K, min_similarity: float = MIN_SIMILARITY,
+             near_best: float = NEAR_BEST) -> list[Source]:
+    """The passages for `query`: hybrid search's top k, keeping the relevant ones that are close to the
+    best (within near_best of its similarity), numbered from 1 in the search's order."""
+    hits = [h for h in kb.search(query, k=k) if relevant(h, min_similarity, max(min_similarity, STRONG_SIMILARITY))]
+    best = max((h.similarity for h in hits), default=0.0)
+    hits = [h for h in hits if h.similarity >= best - near_best]
+    return [Source(i + 1, h.source, h.section, h.text, h.similarity) for i, h in enumerate(hits)]
+
+
+def sources_prompt(question: str, sources: list[Source]) -> str:
+    """The user message the model sees: the numbered passages, then the question and what to do (a
+    135M-parameter model answers best with the material right before a one-sentence instruction; the
+    wording was chosen on the benchmark's training paraphrases, benchmarks/apps.py)."""
+    blocks = [f"[{s.number}] {_clip(s.text, SOURCE_CHARS)}" for s in sources]
+    return ("Information:\n" + "\n".join(blocks) + f"\n\nQuestion: {question}\n"
+            "Answer in one sentence using the information.")
+
+
+def ground(kb, question: str, k: int = TOP_K, min_similarity: float = MIN_SIMILARITY) -> Grounding:
+    """Retrieve for one user message and decide: a prompt with sources (and the evidence sentence), or
+    a decline with the hand-off."""
+    persona = kb.setting("persona", DEFAULT_PERSONA) or DEFAULT_PERSONA
+    sources = retrieve(kb, question, k, min_similarity)
+    if not sources:
+        return Grounding(question, declined=True, persona=persona,
+                         decline_text=kb.setting("handoff", DEFAULT_HANDOFF) or DEFAULT_HANDOFF)
+    quote, source = best_span(kb, question, "", sources)
+    return Grounding(question, sources, prompt=sources_prompt(question, sources), persona=persona, quote=quote,
+                     quote_source=source.number if source else None)
+
+
+def grounded_messages(messages: list[dict], grounding: Grounding) -> list[dict]:
+    """The conversation to send: the persona as system prompt (a client's own system prompt comes after
+    it), earlier turns as they were, the last user message replaced by its prompt with sources."""
+    system = [m["content"] for m in messages if m["role"] == "system" and m["content"]]
+    rest = [m for m in messages if m["role"] != "system"]
+    persona = "\n\n".join([grounding.persona] + system)
+    return [{"role": "system", "content": persona}] + rest[:-1] + [{"role": "user", "content": grounding.prompt}]
+
+
+def cited_numbers(reply: str, sources: list[Source]) -> list[int]:
+    """The source numbers the reply cites ([2], [1]...), in order of first mention, valid ones only."""
+    valid = {s.number for s in sources}
+    seen = []
+    for m in _CITATION.finditer(reply):
+        n = int(m.group(1))
+        if n in valid and n not in seen:
+            seen.append(n)
+    return seen
+
+
+def sources_footer(reply: str, sources: list[Source], quote: str | None = None,
+                   quote_source: int | None = None) -> str:
+    """The lines appended to a reply: the sources it cites (all that it was given if it cites none), and
+    the evidence sentence quoted with its source number."""
+    if not sources:
+        return ""
+    numbers = cited_numbers(reply, sources) or [s.number for s in sources]
+    by_number = {s.number: s for s in sources}
+    footer = "\n\nSources: " + "; ".join(f"[{n}] {by_number[n].label}" for n in numbers)
+    if quote:
+        footer += f"\n> \u201c{quote}\u201d [{quote_source}]"
+    return footer
+
+
+def footer_of(reply: str, grounding: Grounding) -> str:
+    """sources_footer for a grounded reply."""
+    return sources_footer(reply, grounding.sources, grounding.quote, grounding.quote_source)
+
+
+def question_of(messages: list[dict]) -> str:
+    """The retrieval query of a conversation: its last user message."""
+    users = [m["content"] for m in messages if m["role"] == "user" and m.get("content")]
+    if not users:
+        raise ValueError("the conversation has no user message to answer")
+    return users[-1]
+
+
+def _clip(text: str, chars: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= chars else text[:chars].rsplit(" ", 1)[0] + " …"
+
+
+# ----------------------------------------------------------------------------- question answering
+@dataclass
+class Answer:
+    """`picochat ask`'s result: the reply, the sources it was given, and the evidence (the exact span)."""
+    question: str
+    text: str
+    grounding: Grounding
+
+    @property
+    def sources(self) -> list[Source]:
+        return self.grounding.sources
+
+    @property
+    def quote(self) -> str | None:
+        return self.grounding.quote
+
+    @property
+    def quote_source(self) -> Source | None:
+        return next((s for s in self.sources if s.number == self.grounding.quote_source), None)
+
+
+def answer(model, kb, question: str, params, k: int = TOP_K, min_similarity: float = MIN_SIMILARITY,
+           generate: bool = True) -> Answer:
+    """Answer `question` from the knowledge base through `model.generate` (the engine or a server), with
+    the evidence sentence; generate=False gives only the evidence (an extractive answer, no model call)."""
+    grounding = ground(kb, question, k, min_similarity)
+    if grounding.declined or not generate:
+        return Answer(question, grounding.decline_text if grounding.declined else "", grounding)
+    messages = grounded_messages([{"role": "user", "content": question}], grounding)
+    return Answer(question, model.generate([messages], params)[0][0].strip(), grounding)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences (or lines) of a passage, exactly as they appear in it."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) > 1]
+
+
+def best_span(kb, question: str, reply: str, sources: list[Source]) -> tuple[str | None, Source | None]:
+    """The extractive answer: of all sentences in the sources, the one whose embedding is closest to the
+    question (and the model's reply, if given) — an exact span of a document, never generated text. On
+    the shop benchmark the question alone picks the right sentence more often than with the reply."""
+    spans = [(s, sentence) for s in sources for sentence in sentences(s.text)]
+    if not spans:
+        return None, None
+    vectors = kb.embed([(question + " " + reply).strip()] + [sentence for _, sentence in spans])
+    scores = vectors[1:] @ vectors[0]
+    source, sentence = spans[int(scores.argmax())]
+    return sentence, source

@@ -1,0 +1,178 @@
+"""Grounded answers (assistant.py) and the server's knowledge-base and embeddings endpoints: citations,
+the decline path, the retrieval field, streaming, and /v1/embeddings through the official openai client."""
+import base64
+import json
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from helpers import FakeEncoder, FakeHit, FakeKB, LiveServer, tiny_engine
+from picochat import assistant
+from picochat.server import Knowledge
+
+TEXT = "Returns are accepted within 30 days. Parking is behind the shop. " * 20
+
+
+# ----------------------------------------------------------------------------- assistant.py
+def test_citations_name_the_cited_sources_or_all_given():
+    sources = [assistant.Source(1, "/d/policies.md", "Returns", "r", 0.7),
+               assistant.Source(2, "/d/faq.md", "", "p", 0.5)]
+    assert sources[0].label == "policies.md § Returns" and sources[1].label == "faq.md"
+    assert assistant.cited_numbers("See [2], and [1] and [2] again; [7] is not a source.", sources) == [2, 1]
+    assert assistant.sources_footer("As [2] says.", sources) == "\n\nSources: [2] faq.md"
+    assert assistant.sources_footer("No citation here.", sources) == \
+        "\n\nSources: [1] policies.md § Returns; [2] faq.md"
+    assert assistant.sources_footer("anything", []) == ""
+
+
+def test_ground_keeps_relevant_passages_and_declines_without_any():
+    kb = FakeKB()
+    g = assistant.ground(kb, "How do returns work?")
+    assert not g.declined and [s.section for s in g.sources] == ["Returns", "Refunds"]   # 0.12 < threshold
+    assert g.quote in ("Returns are accepted within 30 days.", "Refunds take 5 days.")
+    assert g.prompt.startswith("Information:\n[1] Returns are accepted within 30 days.\n[2] Refunds take 5 days.")
+    assert "Question: How do returns work?" in g.prompt
+    declined = assistant.ground(kb, "What is the capital of France?")
+    assert declined.declined and not declined.sources and declined.decline_text == kb.settings["handoff"]
+    # no hand-off configured: the default one
+    assert assistant.ground(type("KB", (FakeKB,), {"setting": lambda self, k, d=None: d})(), "hi").decline_text \
+        == assistant.DEFAULT_HANDOFF
+
+
+def test_grounded_messages_put_the_persona_first_and_sources_in_the_last_turn():
+    kb = FakeKB()
+    kb.settings["persona"] = "You are Larkspur's assistant."
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+               {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "can I return boots?"}]
+    g = assistant.ground(kb, assistant.question_of(history))
+    messages = assistant.grounded_messages(history, g)
+    assert messages[0] == {"role": "system", "content": "You are Larkspur's assistant.\n\nBe brief."}
+    assert messages[1:3] == history[1:3]
+    assert messages[3]["role"] == "user" and messages[3]["content"].startswith("Information:\n[1] ")
+    assert "Question: can I return boots?" in messages[3]["content"]
+    with pytest.raises(ValueError, match="no user message"):
+        assistant.question_of([{"role": "system", "content": "x"}])
+
+
+def test_relevance_needs_meaning_and_for_middling_similarity_a_shared_word():
+    assert assistant.relevant(FakeHit("s", "", "t", 0.5, bm25_rank=None))           # close in meaning
+    assert assistant.relevant(FakeHit("s", "", "t", 0.3, bm25_rank=4))              # fairly close, a word
+    assert not assistant.relevant(FakeHit("s", "", "t", 0.3, bm25_rank=None))       # fairly close, no word
+    assert not assistant.relevant(FakeHit("s", "", "t", 0.2, bm25_rank=1))          # far
+    near = [FakeHit("a", "", "x", 0.6), FakeHit("b", "", "y", 0.55), FakeHit("c", "", "z", 0.4)]
+    kb = type("KB", (FakeKB,), {"search": lambda self, q, k=5: near[:k]})()
+    assert [s.source for s in assistant.retrieve(kb, "q")] == ["a", "b"]   # within 0.1 of the best only
+
+
+def test_best_span_is_a_verbatim_sentence_of_a_source():
+    sources = [assistant.Source(1, "/d/p.md", "Returns", "Returns are accepted within 30 days. Bring the receipt!", 0.7)]
+    quote, source = assistant.best_span(FakeKB(), "return window?", "30 days", sources)
+    assert quote in ("Returns are accepted within 30 days.", "Bring the receipt!") and source is sources[0]
+    assert quote in sources[0].text
+
+
+# ----------------------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def live():
+    engine = tiny_engine(TEXT, max_seq_len=1024)   # room for the sources in the prompt
+    kb = FakeKB()
+    knowledge = Knowledge(["shop", "other"], open_kb=lambda name, encoder: kb, load_encoder=FakeEncoder)
+    with LiveServer(lambda: engine, "tiny", knowledge=knowledge) as server:
+        server.wait_loaded()
+        server.kb = kb
+        yield server
+
+
+def stream_events(live, body) -> list[dict]:
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json={"model": "tiny", "stream": True, **body},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_server_grounds_a_reply_cites_its_sources_and_reports_the_retrieval(live):
+    body = live.chat([{"role": "user", "content": "Can I return a tent?"}], max_tokens=8, temperature=0)
+    content = body["choices"][0]["message"]["content"]
+    assert content.endswith("Sources: [1] policies.md § Returns; [2] policies.md § Refunds") or \
+        "Sources: [" in content.split("\n\n")[-1]
+    retrieval = body["retrieval"]
+    assert retrieval["kb"] == "shop" and not retrieval["declined"]
+    assert [s["index"] for s in retrieval["sources"]] == [1, 2]
+    assert retrieval["sources"][0]["label"] == "policies.md § Returns"
+    assert body["usage"]["prompt_tokens"] > 60   # the sources were in the prompt
+
+    events = stream_events(live, {"messages": [{"role": "user", "content": "Can I return a tent?"}],
+                                  "max_tokens": 8, "temperature": 0})
+    assert events[0]["retrieval"]["sources"][1]["section"] == "Refunds"
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert "\n\nSources: [" in text and events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_server_declines_without_generating_when_nothing_is_relevant(live):
+    before = live.state.completion_tokens
+    body = live.chat([{"role": "user", "content": "Who won the world cup?"}], max_tokens=8)
+    assert body["choices"][0]["message"]["content"] == live.kb.settings["handoff"]
+    assert body["retrieval"]["declined"] is True and body["retrieval"]["sources"] == []
+    assert body["usage"]["completion_tokens"] == 0
+    events = stream_events(live, {"messages": [{"role": "user", "content": "Who won the world cup?"}],
+                                  "stream_options": {"include_usage": True}})
+    assert events[0]["retrieval"]["declined"] is True
+    assert events[1]["choices"][0]["delta"]["content"] == live.kb.settings["handoff"]
+    assert events[2]["choices"][0]["finish_reason"] == "stop" and events[3]["usage"]["total_tokens"] == 0
+    assert live.state.completion_tokens == before   # the model was never asked
+
+
+def test_a_request_can_turn_the_knowledge_base_off_or_pick_one(live):
+    searched = len(live.kb.searched)
+    body = live.chat([{"role": "user", "content": "Can I return a tent?"}], max_tokens=4, kb=False)
+    assert "retrieval" not in body and len(live.kb.searched) == searched
+    assert live.chat([{"role": "user", "content": "returns?"}], max_tokens=4, kb="other")["retrieval"]["kb"] == "other"
+    r = live.post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "kb": "nope"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "kb" and "shop, other" in r.json()["error"]["message"]
+    r = live.post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "system", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert httpx.get(live.url + "/v1/kb").json()["data"] == [{"id": "shop", "object": "knowledge_base"},
+                                                             {"id": "other", "object": "knowledge_base"}]
+
+
+def test_embeddings_through_the_official_openai_client(live):
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused")
+    texts = ["where can I park?", "returns within 30 days", "a third text"]
+    response = client.embeddings.create(model="fake-embedder", input=texts)   # the client asks for base64
+    got = np.array([d.embedding for d in response.data], dtype=np.float32)
+    assert np.allclose(got, FakeEncoder().encode(texts), atol=1e-6)
+    assert [d.index for d in response.data] == [0, 1, 2] and response.model == "fake-embedder"
+    assert response.usage.prompt_tokens == 4 + 4 + 3 == response.usage.total_tokens
+    floats = client.embeddings.create(model="fake-embedder", input="one text", encoding_format="float")
+    assert len(floats.data) == 1 and np.allclose(floats.data[0].embedding, FakeEncoder().encode(["one text"])[0])
+    raw = live.post("/v1/embeddings", {"model": "fake-embedder", "input": "x", "encoding_format": "base64"}).json()
+    assert np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4").shape == (8,)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "fake-embedder", "input": [1, 2, 3]}, 400, "input"),          # token ids: another tokenizer's
+    ({"model": "fake-embedder", "input": []}, 400, "input"),
+    ({"model": "fake-embedder", "input": ["ok", ""]}, 400, "input"),
+    ({"model": "fake-embedder", "input": "x", "dimensions": 3}, 400, "dimensions"),
+    ({"model": "fake-embedder", "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"model": "text-embedding-3-small", "input": "x"}, 404, "model"),
+    ({"input": "x"}, 400, "model"),
+])
+def test_embeddings_refuse_bad_requests_by_name(live, body, status, param):
+    r = live.post("/v1/embeddings", body)
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_server_without_knowledge_base_answers_plainly_and_refuses_kb_requests():
+    engine = tiny_engine(TEXT)
+    with LiveServer(lambda: engine, "tiny") as server:
+        server.wait_loaded()
+        assert "retrieval" not in server.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+        r = server.post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                 "kb": "shop"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kb"
+        r = server.post("/v1/embeddings", {"model": "x", "input": "x"})
+        assert r.status_code == 503 and "embedding model" in r.json()["error"]["message"]

@@ -1,0 +1,346 @@
+"""The knowledge base (picochat/kb.py) and the document reader (picochat/documents.py).
+
+Ranking is checked with the real all-MiniLM-L6-v2 (skipped, with the reason, where it has not been pulled);
+the rest uses it when present and a tiny random-weight encoder otherwise.
+"""
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from picochat import models
+from picochat.documents import Document, DocumentError, Section, read_document, split_passages
+from picochat.encoder import Bert, BertConfig, SentenceEncoder, load_encoder
+from picochat.kb import EncoderMismatch, KnowledgeBase, kb_path, match_query
+
+
+def tiny_encoder(name="tiny-random", dim=32, seed=0) -> SentenceEncoder:
+    """A random-weight BERT over a small lowercasing WordPiece vocabulary (unknown words share [UNK])."""
+    from tokenizers import Tokenizer, models as tm, normalizers, pre_tokenizers, processors
+    words = ("the a car park parking visitors refund money back open hours wifi password office page "
+             "one two three alpha beta gamma delta new old text section heading document").split()
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words)}
+    tok = Tokenizer(tm.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.enable_truncation(64)
+    torch.manual_seed(seed)
+    model = Bert(BertConfig(vocab_size=len(vocab), hidden_size=dim, num_layers=1, num_heads=2,
+                            intermediate_size=2 * dim, max_position=64))
+    return SentenceEncoder(model, tok, name, 64)
+
+
+def real_encoder():
+    try:
+        return load_encoder()
+    except models.ModelNotFound:
+        return None
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return real_encoder() or tiny_encoder()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    enc = real_encoder()
+    if enc is None:
+        pytest.skip("all-MiniLM-L6-v2 not pulled (run `picochat pull minilm`): ranking needs the real model")
+    return enc
+
+
+def make_pdf(path: Path, pages: list[list[str]]) -> Path:
+    """A minimal PDF, one page per list of lines, written by hand (pypdf cannot write text)."""
+    n = len(pages)
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>",
+               f"<< /Type /Pages /Kids [{' '.join(f'{4 + 2 * i} 0 R' for i in range(n))}] /Count {n} >>",
+               "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    for i, lines in enumerate(pages):
+        ops = "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) Tj T*" for line in lines) + " ET"
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {5 + 2 * i} 0 R "
+                       f"/Resources << /Font << /F1 3 0 R >> >> >>")
+        objects.append(f"<< /Length {len(ops)} >>\nstream\n{ops}\nendstream")
+    out, offsets = b"%PDF-1.4\n", []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n{body}\nendobj\n".encode("latin-1")
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    path.write_bytes(out)
+    return path
+
+
+MARKDOWN = """# Office guide
+
+Everything about the office.
+
+## Parking
+
+Visitors use the car park behind building B.
+
+```
+# a comment in code, not a heading
+```
+
+### Bicycles
+
+Bicycle racks are next to the main door.
+
+## Wi-Fi
+
+The guest network password is on your badge.
+"""
+
+HTML = """<html><head><title>Returns policy</title><script>var secret = "xyzzy";</script>
+<style>p { color: red }</style></head><body><nav><a href="/">Home</a> navigationword</nav>
+<h1>Returns</h1><p>You can return an item within 30 days.</p>
+<h2>Refunds</h2><p>Refunds reach your card within   14 days.</p><ul><li>Keep the receipt</li><li>Keep the box</li></ul>
+</body></html>"""
+
+
+def corpus(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "guide.md").write_text(MARKDOWN)
+    (folder / "returns.html").write_text(HTML)
+    (folder / "notes.txt").write_text("First paragraph about alpha.\n\nSecond paragraph about beta.\n")
+    make_pdf(folder / "manual.pdf", [["The printer is on the second floor."], ["Toner is in cupboard 3."]])
+    (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0")   # not a supported extension: not walked
+    return folder
+
+
+# ----------------------------------------------------------------------------- reading documents
+def test_read_formats(tmp_path):
+    folder = corpus(tmp_path / "docs")
+    md = read_document(folder / "guide.md")
+    assert md.title == "Office guide"
+    assert [s.heading for s in md.sections] == ["Office guide", "Office guide › Parking",
+                                                "Office guide › Parking › Bicycles", "Office guide › Wi-Fi"]
+    assert "# a comment in code" in md.sections[1].text
+
+    html = read_document(folder / "returns.html")
+    assert html.title == "Returns policy"
+    assert [s.heading for s in html.sections] == ["Returns", "Returns › Refunds"]
+    assert html.sections[1].text == "Refunds reach your card within 14 days.\n\n- Keep the receipt\n\n- Keep the box"
+    assert "xyzzy" not in html.text and "color" not in html.text and "navigationword" not in html.text
+
+    pdf = read_document(folder / "manual.pdf")
+    assert [s.heading for s in pdf.sections] == ["page 1", "page 2"]
+    assert "printer is on the second floor" in pdf.sections[0].text and "cupboard 3" in pdf.sections[1].text
+
+    txt = read_document(folder / "notes.txt")
+    assert txt.title == "notes" and [s.heading for s in txt.sections] == [""]
+
+    (tmp_path / "script.py").write_text("print('hello')\n")      # other UTF-8 text: read as text
+    assert "hello" in read_document(tmp_path / "script.py").text
+    with pytest.raises(DocumentError, match=r"image\.png.*\.pdf"):
+        read_document(folder / "image.png")
+
+
+def test_bad_pdfs(tmp_path):
+    import pypdf
+    writer = pypdf.PdfWriter()
+    writer.add_blank_page(100, 100)
+    writer.encrypt("secret")
+    with open(tmp_path / "locked.pdf", "wb") as f:
+        writer.write(f)
+    with pytest.raises(DocumentError, match="locked.pdf.*password"):
+        read_document(tmp_path / "locked.pdf")
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Cat")
+    with pytest.raises(DocumentError, match="broken.pdf"):
+        read_document(tmp_path / "broken.pdf")
+
+
+def test_split_passages():
+    sentences = [f"Sentence number {i} says something about topic {i % 7}." for i in range(60)]
+    paragraphs = [" ".join(sentences[i:i + 6]) for i in range(0, 60, 6)]
+    doc = Document("/x.txt", "x", [Section("A", "short one"), Section("B", "\n\n".join(paragraphs)),
+                                   Section("C", "w" * 2000)])
+    passages = split_passages(doc, max_chars=300, overlap_chars=80)
+    assert [p.section for p in passages][:2] == ["A", "B"] and passages[-1].section == "C"
+    for p in passages:   # within one section, at most max_chars, exactly where `start` says
+        assert len(p.text) <= 300 and doc.text[p.start:p.start + len(p.text)] == p.text
+    b = [p for p in passages if p.section == "B"]
+    assert all(p.text.endswith(".") and p.text[0].isupper() for p in b)     # cut at sentence boundaries
+    assert any(q.start < p.start + len(p.text) for p, q in zip(b, b[1:]))   # consecutive pieces overlap
+    covered = "".join(doc.text[p.start:p.start + len(p.text)] for p in b)
+    assert all(s in covered for s in sentences)                             # nothing lost
+
+
+# ----------------------------------------------------------------------------- the store
+def test_kb_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    assert kb_path("shop-faq_2.v1") == tmp_path / "kb" / "shop-faq_2.v1.sqlite"
+    assert kb_path("x/y") == Path("x/y") and kb_path("faq.db") == Path("faq.db")
+    for bad in ("", "with space", "ü", ".."):
+        with pytest.raises(ValueError):
+            kb_path(bad)
+
+
+def test_add_update_remove_reopen(tmp_path, encoder):
+    folder = corpus(tmp_path / "docs")
+    calls = []
+    with KnowledgeBase(tmp_path / "kb.sqlite", encoder) as kb:
+        report = kb.add([folder, tmp_path / "missing.txt"], progress=lambda i, n: calls.append((i, n)))
+        assert (report.added, report.updated, report.unchanged) == (4, 0, 0)
+        assert report.skipped == [(str(tmp_path / "missing.txt"), "no such file or folder")]
+        assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+        docs = {Path(d.source).name: d for d in kb.documents()}
+        assert set(docs) == {"guide.md", "returns.html", "notes.txt", "manual.pdf"}
+        assert report.passages == sum(d.passages for d in docs.values()) and docs["manual.pdf"].passages == 2
+
+        again = kb.add([folder])
+        assert (again.added, again.updated, again.unchanged, again.passages) == (0, 0, 4, 0)
+
+        notes = folder / "notes.txt"
+        notes.write_text("First paragraph about gamma.\n\nSecond paragraph about delta.\n")
+        changed = kb.add([notes])
+        assert (changed.added, changed.updated) == (0, 1)
+        texts = [h.text for h in kb.search("paragraph about", k=20) if h.source == str(notes)]
+        assert texts == ["First paragraph about gamma.\n\nSecond paragraph about delta."]   # replaced, once
+        assert not any("alpha" in h.text for h in kb.search("alpha", k=20))
+        assert {Path(d.source).name: d.passages for d in kb.documents()}["notes.txt"] == 1
+
+        kb.set_setting("persona", "You are the office assistant.")
+        kb.set_setting("handoff", "Ask at reception.")
+
+    with KnowledgeBase(tmp_path / "kb.sqlite", encoder) as kb:   # everything persisted
+        assert len(kb.documents()) == 4 and kb.encoder_name == encoder.name
+        assert kb.setting("persona") == "You are the office assistant." and kb.setting("nope", "d") == "d"
+        (folder / "notes.txt").unlink()
+        assert kb.remove(folder / "notes.txt")                   # gone from disk: removed by its path
+        assert not kb.remove(folder / "notes.txt")
+        (folder / "manual.pdf").unlink()
+        assert kb.sync() == [str(folder / "manual.pdf")]
+        assert sorted(Path(d.source).name for d in kb.documents()) == ["guide.md", "returns.html"]
+        assert not any(h.source.endswith((".txt", ".pdf")) for h in kb.search("printer paragraph", k=20))
+        assert kb.remove(folder) and kb.documents() == []         # a folder: everything under it
+        rows = sqlite3.connect(tmp_path / "kb.sqlite").execute(
+            "SELECT (SELECT COUNT(*) FROM passages), (SELECT COUNT(*) FROM passages_fts)").fetchone()
+        assert rows == (0, 0)
+
+
+def test_hostile_queries(tmp_path, encoder):
+    with KnowledgeBase(tmp_path / "kb.sqlite", encoder) as kb:
+        assert kb.search("anything") == []                       # empty knowledge base
+        kb.add([corpus(tmp_path / "docs")])
+        for q in ['"', "*", "AND OR NOT", ")(", "", "   ", "?!", 'car" OR "x', "NEAR(a b)", "col:val", "^x-y"]:
+            assert isinstance(kb.search(q), list)
+        assert kb.search("") == [] and kb.search(")(") == []
+        assert match_query('a "b" AND (c*') == '"b" OR "c"' and match_query("AND OR NOT") == '"and" OR "or" OR "not"'
+
+
+def test_different_encoder_refused(tmp_path):
+    with KnowledgeBase(tmp_path / "kb.sqlite", tiny_encoder("tiny-one")) as kb:
+        kb.add([corpus(tmp_path / "docs")])
+    for other in (tiny_encoder("tiny-two"), tiny_encoder("tiny-one", dim=16)):
+        with KnowledgeBase(tmp_path / "kb.sqlite", other) as kb:
+            with pytest.raises(EncoderMismatch, match="tiny-one"):
+                kb.add([tmp_path / "docs"])
+            with pytest.raises(EncoderMismatch):
+                kb.search("car park")
+            assert kb.encoder_name == "tiny-one" and len(kb.documents()) == 4
+
+
+PASSAGES = {
+    "Parking": "Staff and guests may use the car park behind building B; spaces by the entrance are reserved.",
+    "Opening hours": "The office is open from 8am to 6pm, Monday to Friday, and closed on public holidays.",
+    "Wi-Fi": "The guest wireless network is called Visitors; its password is printed on your badge.",
+    "Refunds": "Refunds are paid back to the original card within 14 days of receiving the returned item.",
+    "Delivery": "Orders are shipped within two working days and usually arrive three to five days later.",
+    "Canteen": "The canteen on the ground floor serves breakfast and lunch; hot meals until 2pm.",
+    "Printing": "Printers are on every floor; collect your printouts by tapping your badge on the printer.",
+    "Lost badge": "If you lose your access badge, report it to security at once so that it can be blocked.",
+}
+
+
+def test_ranking(tmp_path, minilm):
+    doc = tmp_path / "faq.md"
+    doc.write_text("# FAQ\n\n" + "".join(f"## {h}\n\n{t}\n\n" for h, t in PASSAGES.items()))
+    with KnowledgeBase(tmp_path / "kb.sqlite", minilm) as kb:
+        assert kb.add([doc]).passages == 8
+        for query, section in [("where can I leave my car", "Parking"), ("what time do you close", "Opening hours"),
+                               ("how do I get online", "Wi-Fi"), ("I want my money back", "Refunds"),
+                               ("how long until my parcel comes", "Delivery"), ("where can I eat", "Canteen"),
+                               ("my access badge is gone", "Lost badge")]:
+            hits = kb.search(query, k=3)
+            assert hits[0].section == f"FAQ › {section}", (query, [(h.section, h.similarity) for h in hits])
+            assert hits[0].vector_rank == 1 and hits[0].score >= hits[1].score
+        # fusion counts ranks, not how similar: "card" also occurs in the refunds passage ("the original
+        # card"), whose word rank 1 outweighs the meaning here; the right passage still comes second, and first
+        # by similarity, which the caller can see
+        hits = kb.search("I misplaced my ID card", k=3)
+        assert [h.section for h in hits[:2]] == ["FAQ › Refunds", "FAQ › Lost badge"]
+        assert hits[1].vector_rank == 1 and hits[0].bm25_rank == 1 and hits[1].bm25_rank is None
+        # similarity is an absolute signal: about 0.2 and up for an answer, under 0.1 for an unrelated question
+        relevant = [kb.search(q, k=1)[0].similarity for q in ("where can I leave my car", "how do I get online")]
+        unrelated = [kb.search(q, k=1)[0].similarity
+                     for q in ("the mating habits of deep-sea octopuses", "what is the capital of France")]
+        assert min(relevant) > 0.2 and max(unrelated) < 0.12
+        assert kb.embed(["car park"]).shape == (1, 384)
+
+
+def test_readers_during_writes(tmp_path, encoder):
+    """A writer adds documents one transaction each while readers search: no errors, no half documents,
+    and a long-lived reader sees the new documents."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    n_docs = 24
+    for i in range(n_docs):   # three sections → exactly three passages each
+        (folder / f"doc{i:02d}.md").write_text(
+            "".join(f"# Part {j}\n\nDocument {i} part {j}: the car park, alpha and beta, note {i}-{j}.\n\n"
+                    for j in range(3)))
+    path = tmp_path / "kb.sqlite"
+    KnowledgeBase(path, encoder).close()
+    errors, searches, done = [], [0], threading.Event()
+
+    def reader():
+        try:
+            with KnowledgeBase(path, encoder) as kb:
+                check = sqlite3.connect(path)
+                while not done.is_set():
+                    for h in kb.search("car park alpha", k=10):
+                        number = int(Path(h.source).stem[3:])
+                        assert h.text.startswith(f"Document {number} part"), h
+                    counts = check.execute("SELECT d.passages, (SELECT COUNT(*) FROM passages p "
+                                           "WHERE p.document_id = d.id) FROM documents d").fetchall()
+                    assert all(c == (3, 3) for c in counts), counts
+                    searches[0] += 1
+                check.close()
+        except BaseException as e:   # noqa: B902 — reported by the main thread
+            errors.append(e)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    with KnowledgeBase(path, encoder) as watcher:
+        assert watcher.search("car park") == []
+        for t in readers:
+            t.start()
+        try:
+            with KnowledgeBase(path, encoder) as writer:
+                report = writer.add(sorted(folder.iterdir()))
+        finally:
+            done.set()
+            for t in readers:
+                t.join(60)
+        assert not errors, errors
+        assert report.added == n_docs and report.passages == 3 * n_docs and searches[0] > 0
+        hits = watcher.search(f"note {n_docs - 1}-2", k=3 * n_docs)   # the cached vectors were reloaded
+        assert len(hits) == 3 * n_docs and any(h.text.endswith(f"note {n_docs - 1}-2.") for h in hits)
+
+
+def test_not_a_knowledge_base(tmp_path):
+    from picochat.kb import KnowledgeBaseError
+    (tmp_path / "notes.sqlite").write_text("just text, " * 100)
+    with pytest.raises(KnowledgeBaseError, match="notes.sqlite"):
+        KnowledgeBase(tmp_path / "notes.sqlite")
+    KnowledgeBase(tmp_path / "new.sqlite").close()
+    with sqlite3.connect(tmp_path / "new.sqlite") as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(KnowledgeBaseError, match="newer picochat"):
+        KnowledgeBase(tmp_path / "new.sqlite")
