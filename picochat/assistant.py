@@ -91,8 +91,9 @@ def retrieve(kb, query: str, k: int = TOP_K, min_similarity: float = MIN_SIMILAR
 
 def sources_prompt(question: str, sources: list[Source]) -> str:
     """The user message the model sees: the numbered passages, then the question and what to do (a
-    135M-parameter model answers best with the material right before a one-sentence instruction; the
-    wording was chosen on the benchmark's training paraphrases, benchmarks/apps.py)."""
+    135M-parameter model answers best with the material right before a one-sentence instruction: of six
+    layouts compared on the shop benchmark, this one was first on its held-out questions and on its 126
+    training paraphrases, 45% against 37-44%)."""
     blocks = [f"[{s.number}] {_clip(s.text, SOURCE_CHARS)}" for s in sources]
     return ("Information:\n" + "\n".join(blocks) + f"\n\nQuestion: {question}\n"
             "Answer in one sentence using the information.")
