@@ -104,11 +104,13 @@ def _read_text(text: str, source: str, path: Path) -> Document:
 
 
 FENCE = re.compile(r"^\s{0,3}(```|~~~)")
+SETEXT_UNDERLINE = re.compile(r"^\s{0,3}(=+|-+)[ \t]*$")
 ATX_HEADING = re.compile(r"^\s{0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$|^\s{0,3}(#{1,6})[ \t]*$")
 
 
 def _read_markdown(text: str, source: str, path: Path) -> Document:
-    """Sections at `#` headings (not inside ``` or ~~~ code fences); the title is the first level-1 heading."""
+    """Sections at headings — `#` lines, or a line underlined with `===` / `---` — never inside ``` or ~~~
+    code fences; the title is the first level-1 heading."""
     sections, lines, stack, fence, title = [], [], [], None, None
 
     def close():
@@ -120,10 +122,14 @@ def _read_markdown(text: str, source: str, path: Path) -> Document:
         if m:
             fence = m.group(1) if fence is None else (None if m.group(1) == fence else fence)
         h = ATX_HEADING.match(line) if fence is None and not m else None
-        if h is None:
+        u = SETEXT_UNDERLINE.match(line) if fence is None and h is None and lines and lines[-1].strip() else None
+        if h is None and u is None:
             lines.append(line)
             continue
-        level, heading = len(h.group(1) or h.group(3)), (h.group(2) or "").strip()
+        if h is not None:
+            level, heading = len(h.group(1) or h.group(3)), (h.group(2) or "").strip()
+        else:   # the line above is the heading: level 1 under "===", 2 under "---"
+            level, heading = (1 if u.group(1)[0] == "=" else 2), lines.pop().strip()
         close()
         while stack and stack[-1][0] >= level:
             stack.pop()

@@ -143,6 +143,17 @@ def test_read_formats(tmp_path):
         read_document(folder / "image.png")
 
 
+def test_markdown_underlined_headings(tmp_path):
+    (tmp_path / "setext.md").write_text("Shop guide\n==========\n\nIntro text.\n\nOpening hours\n-------------\n"
+                                        "Open 9 to 5.\n\n---\n\nAfter a rule.\n\n```\nnot a heading\n---\n```\n")
+    doc = read_document(tmp_path / "setext.md")
+    assert doc.title == "Shop guide"
+    assert [s.heading for s in doc.sections] == ["Shop guide", "Shop guide › Opening hours"]
+    assert doc.sections[0].text == "Intro text."
+    assert "Open 9 to 5." in doc.sections[1].text and "After a rule." in doc.sections[1].text
+    assert "not a heading\n---" in doc.sections[1].text   # inside a code fence: text
+
+
 def test_bad_pdfs(tmp_path):
     import pypdf
     writer = pypdf.PdfWriter()
