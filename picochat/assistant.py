@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .documents import sentences
+
 MIN_SIMILARITY = 0.25     # all-MiniLM-L6-v2 cosine: below it, a passage is not relevant ...
 STRONG_SIMILARITY = 0.45  # ... from it on, it is; between the two, only with a word of the question in it
                           # (chosen on the shop benchmark's training paraphrases and its calibration
@@ -194,14 +196,6 @@ def answer(model, kb, question: str, params, k: int = TOP_K, min_similarity: flo
         return Answer(question, grounding.decline_text if grounding.declined else "", grounding)
     messages = grounded_messages([{"role": "user", "content": question}], grounding)
     return Answer(question, model.generate([messages], params)[0][0].strip(), grounding)
-
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-
-
-def sentences(text: str) -> list[str]:
-    """The sentences (or lines) of a passage, exactly as they appear in it."""
-    return [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) > 1]
 
 
 def best_span(kb, question: str, reply: str, sources: list[Source]) -> tuple[str | None, Source | None]:

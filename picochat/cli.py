@@ -201,15 +201,21 @@ def show_retrieval(grounding):
         print(f"[  [{s.number}] {s.label}  similarity {s.similarity:.2f}]", file=sys.stderr)
 
 
+def existing_kb(name: str):
+    """The file of the knowledge base NAME (or a .sqlite path), which must exist."""
+    from .kb import kb_path
+    path = kb_path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"no knowledge base '{name}' (looked for {path}); create it with "
+                                f"`picochat kb add FILES... --kb {name}`")
+    return path
+
+
 def open_kb(name: str, must_exist: bool = True):
     """The knowledge base NAME (or a .sqlite path); it loads the default embedding model when it first
     needs it (listing and removing do not)."""
     from .kb import KnowledgeBase, kb_path
-    path = kb_path(name)
-    if must_exist and not path.exists():
-        raise FileNotFoundError(f"no knowledge base '{name}' (looked for {path}); create it with "
-                                f"`picochat kb add FILES... --kb {name}`")
-    return KnowledgeBase(path)
+    return KnowledgeBase(existing_kb(name) if must_exist else kb_path(name))
 
 
 def cmd_generate(args):
@@ -395,9 +401,7 @@ def server_knowledge(args):
     from .kb import KnowledgeBase, kb_path
     from .server import Knowledge
     for name in args.kb:
-        if not kb_path(name).exists():
-            raise FileNotFoundError(f"no knowledge base '{name}' (looked for {kb_path(name)}); create it with "
-                                    f"`picochat kb add FILES... --kb {name}`")
+        existing_kb(name)
     if args.kb:
         models.find_embedding()  # fail fast when the embedding model was never pulled
     return Knowledge(args.kb, open_kb=lambda name, encoder: KnowledgeBase(kb_path(name), encoder=encoder),

@@ -268,6 +268,11 @@ PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+")
 
 
+def sentences(text: str) -> list[str]:
+    """The sentences of a text (a line break ends one too), each exactly as it stands in the text."""
+    return [s.strip() for line in text.split("\n") for s in SENTENCE_END.split(line) if len(s.strip()) > 1]
+
+
 def split_passages(document: Document, max_chars: int = 800, overlap_chars: int = 150) -> list[Passage]:
     """Cut each section into passages of at most max_chars characters (see the module's docstring)."""
     if max_chars < 1 or overlap_chars < 0:

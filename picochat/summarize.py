@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from .documents import sentences
 from .engine import SamplingParams
 
 Prompt = str | list[dict]   # raw text, or chat messages
@@ -201,9 +202,8 @@ def _prompt(instruction: str, text: str) -> list[dict]:
 def fit_words(text: str, words: int) -> str:
     """`text` within about `words` words: its whole sentences while they fit (small models overrun the
     length they are asked for), or, when even the first one is longer, its first `words` words."""
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
     kept, count = [], 0
-    for sentence in sentences:
+    for sentence in sentences(text):
         n = len(sentence.split())
         if count + n > words:
             break
