@@ -41,9 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model, log  # noqa: E402
 from sft_demo import FACTS, SYSTEM  # noqa: E402
 
-from picochat import assistant, models  # noqa: E402
-from picochat.engine import Engine, SamplingParams  # noqa: E402
-from picochat.eval_models import LocalModel  # noqa: E402
+from picochat.apps import assistant  # noqa: E402
+from picochat.backends import LocalModel  # noqa: E402
+from picochat.engine.engine import Engine  # noqa: E402
+from picochat.engine.sampling import SamplingParams  # noqa: E402
+from picochat.hub import DEFAULT_MODEL  # noqa: E402
+from picochat.load import load  # noqa: E402
 
 # ----------------------------------------------------------------------------- the shop's pages
 PAGES = [  # file, title, [(section, [fact indices])]
@@ -112,8 +115,8 @@ def calibrate(in_scope: list[float], out_scope: list[float]) -> tuple[float, flo
 
 
 def run_kb(args, model: LocalModel) -> dict:
-    from picochat.encoder import load_encoder
-    from picochat.kb import KnowledgeBase
+    from picochat.apps.kb import KnowledgeBase
+    from picochat.load import load_encoder
     tmp = Path(tempfile.mkdtemp(prefix="picochat-apps-"))
     t0 = time.perf_counter()
     kb = KnowledgeBase(tmp / "shop.sqlite", encoder=load_encoder())
@@ -244,7 +247,7 @@ def lead_sentence(text: str) -> str:
 def run_summarize(args, model: LocalModel) -> dict:
     from rouge_score import rouge_scorer
 
-    from picochat.summarize import summarize_many
+    from picochat.apps.summarize import summarize_many
     t0 = time.perf_counter()
     pairs = man_pairs(args.pages)
     log(f"summarize: {len(pairs)} man pages ({sum(len(p['text']) for p in pairs)} characters of DESCRIPTION) "
@@ -270,9 +273,9 @@ def run_summarize(args, model: LocalModel) -> dict:
 
 # ----------------------------------------------------------------------------- code
 def run_code(args, model: LocalModel) -> dict:
-    from picochat import humaneval
-    from picochat.codegen import generate_code_batch
-    from picochat.evaluation import HUMANEVAL_CHAT_ASK
+    from picochat.apps.codegen import generate_code_batch
+    from picochat.eval import humaneval
+    from picochat.eval.tasks import HUMANEVAL_CHAT_ASK
     problems = humaneval.load_problems(args.limit)
     tasks = [(HUMANEVAL_CHAT_ASK + p.prompt, f"{p.test}\n\ncheck({p.entry_point})\n") for p in problems]
     params = SamplingParams(max_new_tokens=384, temperature=0.0)
@@ -311,13 +314,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"# CPU: {cpu_model()} | torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()} "
           f"| {torch.get_num_threads()} threads")
-    loaded = models.load(args.model)
-    model = LocalModel(Engine(loaded.model, loaded.tokenizer), name=args.model or models.DEFAULT_MODEL)
+    loaded = load(args.model)
+    model = LocalModel(Engine(loaded.model, loaded.tokenizer), name=args.model or DEFAULT_MODEL)
     print(f"# model: {loaded.path} ({loaded.weights} weights, {str(loaded.dtype).removeprefix('torch.')})")
     record = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "model": str(loaded.path)}
     args.lora_model = None
     if args.lora:
-        tuned = models.load(args.lora, dtype=torch.bfloat16)   # as sft_demo.py measured it
+        tuned = load(args.lora, dtype=torch.bfloat16)   # as sft_demo.py measured it
         args.lora_model = LocalModel(Engine(tuned.model, tuned.tokenizer), name="lora")
     if args.what in ("kb", "all"):
         r = record["kb"] = run_kb(args, model)

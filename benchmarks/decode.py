@@ -40,9 +40,14 @@ import torch
 
 import picochat
 from common import finish_report, log
-from picochat import cpu, kernels
-from picochat.engine import Batcher, ChatSession, Engine, SamplingParams
-from picochat.models import find_packaged, load
+from picochat import hw, kernels
+from picochat.engine.batcher import Batcher
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams
+from picochat.engine.session import ChatSession
+from picochat.hub import find_packaged
+from picochat.load import load
+from picochat.quant.tuning import compute_dtype
 
 PARAGRAPH = ("The history of computing is a story of people finding ways to make machines do work that once "
              "required careful human attention. Early mechanical calculators could add and multiply, but each "
@@ -213,11 +218,11 @@ def first_start(path) -> float:
     """picochat's load with an empty cache: convert the GGUF and write the packed folder."""
     with tempfile.TemporaryDirectory() as home:
         env = dict(os.environ, PICOCHAT_HOME=home)
-        from picochat.models import cache_dir
+        from picochat.paths import cache_dir
         for part in ("kernels", "cpu"):  # the compiled kernel and the CPU profile are not what is timed
             if (cache_dir() / part).exists():
                 os.symlink(cache_dir() / part, Path(home) / part)
-        code = ("import time, sys; t0 = time.perf_counter(); from picochat.models import load; "
+        code = ("import time, sys; t0 = time.perf_counter(); from picochat.load import load; "
                 f"load({str(path)!r}); print(time.perf_counter() - t0)")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         return float(out.stdout.strip().splitlines()[-1])
@@ -289,8 +294,8 @@ def main():
     text_ids = tokenizer.encode(PARAGRAPH)
     prompt_ids = (text_ids * (args.prompt_tokens // len(text_ids) + 1))[:args.prompt_tokens]
     chat_ids = tokenizer.encode(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True))
-    machine = dict(cpu=cpu.describe(), kernel=kernels.status().get("isa"), torch=torch.__version__,
-                   picochat=picochat.__version__, float_dtype=str(cpu.compute_dtype()[0]).removeprefix("torch."))
+    machine = dict(cpu=hw.describe(), kernel=kernels.status().get("isa"), torch=torch.__version__,
+                   picochat=picochat.__version__, float_dtype=str(compute_dtype()[0]).removeprefix("torch."))
     try:
         import llama_cpp
         machine["llama_cpp_python"] = llama_cpp.__version__

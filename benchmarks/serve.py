@@ -506,7 +506,7 @@ def main():
     t_start = time.perf_counter()
 
     if args.model is None:
-        from picochat.models import find_packaged
+        from picochat.hub import find_packaged
         model = find_packaged("smollm2")
     else:
         model = Path(args.model)
@@ -578,7 +578,7 @@ def main():
                    picochat=getattr(picochat, "__version__", "dev"), torch=version("torch"),
                    fastapi=version("fastapi"), uvicorn=version("uvicorn"), httpx=version("httpx"),
                    llama_cpp_python=llama_version, llama_python=llama_py)
-    from picochat.cpu import describe
+    from picochat.hw import describe
     print(f"\n{model.name} | {describe()} | {args.threads} threads per server | python {machine['python']}")
     built = ""
     if build and build.get("ok"):

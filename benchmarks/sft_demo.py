@@ -26,8 +26,12 @@ from pathlib import Path
 
 import torch
 
-from picochat import lora, models, sft
-from picochat.engine import Engine, SamplingParams
+from picochat.data.conversations import LoadStats, encode_conversation, load_conversations
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams
+from picochat.load import load
+from picochat.model.lora import LoRAConfig
+from picochat.train.sft import sft, sft_defaults
 
 # (answer, key strings that a correct reply contains, [3 training questions + 1 held-out question])
 FACTS = [
@@ -183,17 +187,17 @@ def run_faq(args):
     data = out / "faq_train.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(c) + "\n" for c in faq_conversations("train")))
-    base = models.load("smollm2", dtype=torch.bfloat16)
+    base = load("smollm2", dtype=torch.bfloat16)
     before, rows_before = faq_accuracy(Engine(base.model, base.tokenizer))
     print(f"before: held-out accuracy {before:.1%} ({len(rows_before)} questions)", file=sys.stderr)
-    config = dataclasses.replace(sft.sft_defaults(True), out_dir=str(out / "run"), batch_size=4, seq_len=128,
+    config = dataclasses.replace(sft_defaults(True), out_dir=str(out / "run"), batch_size=4, seq_len=128,
                                  max_steps=args.steps, lr=args.lr, warmup_steps=5, eval_interval=0,
                                  sample_interval=0, sample_tokens=0, checkpoint_interval=0, threads=args.threads)
     t0 = time.time()
-    cfg = lora.LoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules=tuple(args.targets.split(",")))
-    result = sft.sft("smollm2", str(data), config, lora=cfg, val_fraction=0.0)
+    cfg = LoRAConfig(r=args.rank, alpha=2 * args.rank, target_modules=tuple(args.targets.split(",")))
+    result = sft("smollm2", str(data), config, lora=cfg, val_fraction=0.0)
     train_s = time.time() - t0
-    tuned = models.load(str(out / "run"), dtype=torch.bfloat16)
+    tuned = load(str(out / "run"), dtype=torch.bfloat16)
     after, rows_after = faq_accuracy(Engine(tuned.model, tuned.tokenizer))
     summary = {"facts": len(FACTS), "train_questions": 3 * len(FACTS), "held_out_questions": len(FACTS),
                "accuracy_before": before, "accuracy_after": after, "steps": result.step, "train_s": train_s,
@@ -213,24 +217,24 @@ def run_chat(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n_train = args.conversations
-    stats = sft.LoadStats()
-    convs = sft.load_conversations("sharegpt", skip_malformed=True, stats=stats)
+    stats = LoadStats()
+    convs = load_conversations("sharegpt", skip_malformed=True, stats=stats)
     if len(convs) < n_train + 100:
         raise SystemExit(f"only {len(convs)} conversations: lower --conversations")
-    tokenizer = models.load(args.base, dtype=torch.float32).tokenizer
+    tokenizer = load(args.base, dtype=torch.float32).tokenizer
     examples = [e for c in convs[:n_train] for e in exchanges(c)]
-    kept = [e for e in examples if len(sft.encode_conversation(tokenizer, e)[0]) <= args.max_example_tokens]
+    kept = [e for e in examples if len(encode_conversation(tokenizer, e)[0]) <= args.max_example_tokens]
     print(f"{len(kept):,} of {len(examples):,} exchanges fit in {args.max_example_tokens} tokens", file=sys.stderr)
     data = out / "sharegpt_exchanges.jsonl"
     data.write_text("".join(json.dumps({"messages": e}) + "\n" for e in kept))
-    config = dataclasses.replace(sft.sft_defaults(False), out_dir=str(out / "run"), batch_size=16, seq_len=256,
+    config = dataclasses.replace(sft_defaults(False), out_dir=str(out / "run"), batch_size=16, seq_len=256,
                                  max_steps=args.steps, max_time=args.max_time, lr=args.lr, warmup_steps=20,
                                  eval_interval=100, sample_interval=0, sample_tokens=0, checkpoint_interval=0,
                                  threads=args.threads)
     t0 = time.time()
-    result = sft.sft(args.base, str(data), config)
+    result = sft(args.base, str(data), config)
     train_s = time.time() - t0
-    tuned = models.load(str(out / "run"), dtype=torch.float32)
+    tuned = load(str(out / "run"), dtype=torch.float32)
     engine = Engine(tuned.model, tuned.tokenizer)
     context = tuned.model.config.max_seq_len
     prompts = []

@@ -6,7 +6,7 @@
 The reference is a compact GPT-2 written below the way nanoGPT writes it (LayerNorm, tanh-GELU MLP,
 learned positions, one fused qkv Linear, F.scaled_dot_product_attention(is_causal=True), tied head;
 AdamW with weight decay on every 2-D parameter) and trained by a plain loop. picochat trains the same
-GPT-2 through its own `picochat.train.train()` (ModelConfig(architecture="gpt2", ...)): same n_layer,
+GPT-2 through its own `picochat.train.loop.train()` (ModelConfig(architecture="gpt2", ...)): same n_layer,
 n_embd, n_head, vocabulary, seq_len, batch, bf16 autocast, AdamW hyper-parameters, gradient clip,
 time-based cosine schedule, the same TokenStream batches from the demo corpus and (by default) the
 same initial weights. Each run gets the same wall-clock budget (--budget s, compile time and the
@@ -31,7 +31,7 @@ Columns:
                  position embedding (a tied embedding counts once: it is the head's matmul)
   * 1st step s   the first step's time (when compiled: torch.compile's whole cold compilation)
   * steps, M tok what the run did within the budget; budget tok/s = tokens / elapsed budget
-  * val bpb      bits per byte on the same validation batches (picochat.train.evaluate, the start of
+  * val bpb      bits per byte on the same validation batches (picochat.eval.tasks.validation_loss, the start of
                  the val split) after the budget
   * ×ref         tok/s ÷ the reference's (same compile mode; higher is faster) and bpb ÷ the reference's
                  (lower is better)
@@ -69,11 +69,13 @@ import torch.nn.functional as F
 
 import picochat
 from common import busy_cpu_seconds, finish_report, log
-from picochat.config import PRESETS, ModelConfig
-from picochat.data import TokenStream
-from picochat.model import GPT
-from picochat.tokenizer import Tokenizer
-from picochat.train import TRAIN_PRESETS, DistInfo, TrainConfig, evaluate, model_config_for, train
+from picochat.data.tokens import TokenStream
+from picochat.eval.tasks import validation_loss
+from picochat.model.config import PRESETS, ModelConfig
+from picochat.model.gpt import GPT
+from picochat.tokenizer.bpe import Tokenizer
+from picochat.train.config import TRAIN_PRESETS, TrainConfig
+from picochat.train.loop import model_config_for, train
 
 
 # ----------------------------------------------------------------------------- the nanoGPT-style reference
@@ -156,7 +158,7 @@ def resolved_dtype(dtype: str) -> str:
     """--dtype as the reference loop runs it: auto becomes what picochat chooses on this CPU."""
     if dtype != "auto":
         return dtype
-    from picochat.cpu import compute_dtype
+    from picochat.quant.tuning import compute_dtype
     return str(compute_dtype()[0]).removeprefix("torch.")
 
 
@@ -181,7 +183,7 @@ def run_reference(args, mc: ModelConfig, compiled: bool, val: list, token_bytes)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolved_dtype(args.dtype) == "bfloat16")
     times, step, loss_f = [], 0, float("nan")
     t_start = time.perf_counter()
-    val_loss_0, _ = evaluate(ref, iter(val), token_bytes, autocast, DistInfo())  # nanoGPT evaluates at step 0 too
+    val_loss_0, _ = validation_loss(ref, iter(val), token_bytes, autocast)  # nanoGPT evaluates at step 0 too
     while True:
         t0 = time.perf_counter()
         lr = cosine_lr(step, t0 - t_start, args)
@@ -200,7 +202,7 @@ def run_reference(args, mc: ModelConfig, compiled: bool, val: list, token_bytes)
         if time.perf_counter() - t_start >= args.budget:
             break
     elapsed = time.perf_counter() - t_start
-    val_loss, val_bpb = evaluate(ref, iter(val), token_bytes, autocast, DistInfo())
+    val_loss, val_bpb = validation_loss(ref, iter(val), token_bytes, autocast)
     return dict(step_times=times, steps=step, elapsed=elapsed, loss=loss_f, val_loss=val_loss, val_bpb=val_bpb,
                 val_loss_0=val_loss_0, n_params=sum(p.numel() for p in ref.parameters()),
                 n_pos=ref.wpe.weight.numel())
@@ -346,7 +348,7 @@ def prepare_data(data_dir):
     if (Path(data_dir) / "meta.json").is_file():
         return
     log(f"preparing the demo corpus in {data_dir} ...")
-    from picochat.data import PrepareConfig, prepare
+    from picochat.data.prepare import PrepareConfig, prepare
     prepare(PrepareConfig(sources=["sharegpt"], out=data_dir, max_chars=20_000_000, vocab_size=8192))
 
 
@@ -482,7 +484,8 @@ def main():
     load_end = os.getloadavg()
 
     demo_shape = PRESETS["demo"]
-    from picochat.cpu import compute_dtype, describe
+    from picochat.hw import describe
+    from picochat.quant.tuning import compute_dtype
     print(f"\n{describe()} | picochat {getattr(picochat, '__version__', 'dev')} | python {platform.python_version()}")
     print(f"dtype auto here: {str(compute_dtype()[0]).removeprefix('torch.')} ({compute_dtype()[1]})")
     print(f"bf16 matmul peak (2048³, median of 9; measured {len(peak_log)} times: at start, before each row, at "

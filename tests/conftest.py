@@ -3,8 +3,8 @@ import os
 from pathlib import Path
 
 import pytest
+from picochat import hub
 
-from picochat import models
 
 
 def find_smollm2() -> Path | None:
@@ -13,8 +13,8 @@ def find_smollm2() -> Path | None:
     if env:
         return Path(env) if Path(env).is_file() else None
     try:
-        return models.find_packaged("smollm2")
-    except models.ModelNotFound:
+        return hub.find_packaged("smollm2")
+    except hub.ModelNotFound:
         return None
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import uvicorn
 
-from picochat.config import ModelConfig
-from picochat.engine import Engine
-from picochat.model import GPT
-from picochat.server import create_app
-from picochat.tokenizer import Tokenizer
+from picochat.model.config import ModelConfig
+from picochat.engine.engine import Engine
+from picochat.model.gpt import GPT
+from picochat.serve.app import create_app
+from picochat.tokenizer.bpe import Tokenizer
 
 
 def tiny_engine(text: str, vocab_size: int = 320, max_seq_len: int = 256) -> Engine:
@@ -31,7 +31,7 @@ def tiny_engine(text: str, vocab_size: int = 320, max_seq_len: int = 256) -> Eng
 
 
 def sampler_failing_on_seed(sample_rows, seed: int = 666):
-    """engine.sample_rows, except that it raises for any batch holding a request with this seed."""
+    """engine.sampling.sample_rows, except that it raises for any batch holding a request with this seed."""
 
     def faulty(logits, params, generators, seen=None):
         if any(p.seed == seed for p in params):

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from helpers import save_tiny_folder
-from picochat import cli, models
+from picochat import cli
+from picochat import hub
 
 TEXT = ("Returns are accepted within 30 days of purchase. Parking is behind the shop on Mill Lane. "
         "Sources: Information: Question: Answer in one sentence using the information. ") * 20
@@ -27,7 +28,7 @@ FAQ_HTML = """<html><head><title>FAQ</title><style>p {color: red}</style></head>
 
 def encoder_pulled() -> bool:
     try:
-        models.find_embedding()
+        hub.find_embedding()
         return True
     except FileNotFoundError:
         return False
@@ -155,9 +156,9 @@ def test_serve_with_a_real_knowledge_base_and_embeddings(docs, tmp_path, capsys)
     import openai
 
     from helpers import LiveServer, tiny_engine
-    from picochat.encoder import load_encoder
-    from picochat.kb import KnowledgeBase
-    from picochat.server import Knowledge
+    from picochat.load import load_encoder
+    from picochat.apps.kb import KnowledgeBase
+    from picochat.serve.app import Knowledge
     kb = tmp_path / "shop.sqlite"
     run(["kb", "add", docs, "--kb", kb], capsys)
     knowledge = Knowledge([str(kb)], open_kb=lambda name, encoder: KnowledgeBase(name, encoder=encoder),

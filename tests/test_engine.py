@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from picochat.config import ModelConfig
-from picochat.engine import Engine, SamplingParams, sample_next
-from picochat.model import GPT
-from picochat.tokenizer import Tokenizer
+from picochat.model.config import ModelConfig
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams, sample_next
+from picochat.model.gpt import GPT
+from picochat.tokenizer.bpe import Tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. 自注意力机制使得模型能够捕捉长距离依赖关系。"
         "def f(x):\n    return x * 2  # 🎉\n") * 20
@@ -182,7 +183,7 @@ def test_bad_requests_are_clear_errors(engine):
 import queue  # noqa: E402
 import threading  # noqa: E402
 
-from picochat.engine import Batcher, QueueFull  # noqa: E402
+from picochat.engine.batcher import Batcher, QueueFull  # noqa: E402
 
 
 def collect(batcher, ids, params):

@@ -4,10 +4,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from picochat.config import ModelConfig
-from picochat.evaluation import bits_per_byte, held_out_text
-from picochat.model import GPT
-from picochat.tokenizer import Tokenizer
+from picochat.model.config import ModelConfig
+from picochat.eval.tasks import bits_per_byte, held_out_text
+from picochat.model.gpt import GPT
+from picochat.tokenizer.bpe import Tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 20
 
@@ -46,12 +46,14 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-from picochat.data import DataError  # noqa: E402
-from picochat.engine import Engine, SamplingParams  # noqa: E402
-from picochat.eval_models import LocalModel, RemoteModel, split_tokens  # noqa: E402
-from picochat.evaluation import (Question, read_questions, rouge_l, run_gen, run_humaneval, run_mc,  # noqa: E402
+from picochat.data.tokens import DataError  # noqa: E402
+from picochat.engine.engine import Engine  # noqa: E402
+from picochat.engine.sampling import SamplingParams  # noqa: E402
+from picochat.backends import LocalModel, RemoteModel, split_tokens  # noqa: E402
+from picochat.eval.tasks import (Question, read_questions, rouge_l, run_gen, run_humaneval, run_mc,  # noqa: E402
                                  validation_loss)
 from picochat.formats.hf import save_hf_folder  # noqa: E402
+from picochat.load import load
 
 from helpers import LiveServer, tiny_engine  # noqa: E402
 
@@ -193,7 +195,7 @@ def test_picochat_eval_command_writes_json(engine, tmp_path):
 def test_humaneval_task_through_an_evaluation_model():
     """run_humaneval asks the model for each problem and scores it in the sandbox: canonical answers pass,
     a wrong one fails; chat mode asks through messages and reads the fenced block."""
-    from picochat import humaneval
+    from picochat.eval import humaneval
     problems = humaneval.load_problems(4)
     answers = {p.prompt: p.canonical_solution for p in problems}
 
@@ -223,8 +225,8 @@ def test_humaneval_greedy_equals_transformers_generate(smollm2_path, limit=20):
     """The default model (float32 weights) writes the same greedy completions as transformers' generate with
     the same prompts, so pass@1 on the first 20 problems is the same."""
     transformers = pytest.importorskip("transformers")
-    from picochat import humaneval, models
-    loaded = models.load(str(smollm2_path), dtype=torch.float32, quantized=False)
+    from picochat.eval import humaneval
+    loaded = load(str(smollm2_path), dtype=torch.float32, quantized=False)
     ours = LocalModel(Engine(loaded.model, loaded.tokenizer), name="picochat")
     ours_rows = run_humaneval(ours, limit=limit, max_tokens=96)
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,

@@ -15,8 +15,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from picochat.formats.gguf import (GGUFError, gguf_tensor_summary, load_gguf, read_gguf_header,  # noqa: E402
-                                   read_gguf_metadata)
+from picochat.formats.gguf import gguf_tensor_summary, load_gguf  # noqa: E402
+from picochat.formats.gguf_reader import GGUFError, read_gguf_header, read_gguf_metadata  # noqa: E402
 
 DIMS = {"llama": dict(n_layer=2, n_embd=64, n_head=4, n_kv=2, ffn=256, vocab=256, ctx=128),
         "qwen2": dict(n_layer=2, n_embd=64, n_head=4, n_kv=1, ffn=256, vocab=256, ctx=128),
@@ -155,7 +155,7 @@ def write_tiny_gguf(path, arch="llama", *, seed=0, tied=None, drop=(), kv=None, 
 
 
 def picochat_model(g):
-    from picochat.model import GPT
+    from picochat.model.gpt import GPT
     model = GPT(g.config)
     model.load_state_dict(g.state_dict, strict=True)
     return model.eval()
@@ -290,7 +290,7 @@ def test_eot_and_rope_freqs(tmp_path):
     assert g.config.eos_token_id == [2, 7]
     assert g.config.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    from picochat.model import rope_frequencies  # our model then divides each frequency by exactly those factors
+    from picochat.model.gpt import rope_frequencies  # our model then divides each frequency by exactly those factors
     inv = 1.0 / 5000.0 ** (np.arange(0, hd, 2) / hd)
     np.testing.assert_allclose(rope_frequencies(g.config).numpy(), inv / factors, rtol=1e-5)
     odd = tmp_path / "odd.gguf"

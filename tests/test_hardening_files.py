@@ -25,14 +25,19 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from picochat import info, models  # noqa: E402
-from picochat.config import MAX_CONTEXT, PRESETS, ConfigError, ModelConfig  # noqa: E402
+from picochat.apps import info  # noqa: E402
+from picochat.model.config import MAX_CONTEXT, PRESETS, ConfigError, ModelConfig  # noqa: E402
+from picochat import hw  # noqa: E402
 from picochat.formats import gguf as gguf_format  # noqa: E402
-from picochat.formats.gguf import GGUFError, gguf_tensor_summary, load_gguf, read_gguf_header  # noqa: E402
+from picochat.formats import gguf_reader  # noqa: E402
+from picochat.formats.gguf import gguf_tensor_summary, load_gguf  # noqa: E402
+from picochat.formats.gguf_reader import GGUFError, read_gguf_header  # noqa: E402
 from picochat.formats.hf import CheckpointError, load_hf_folder, read_config, save_hf_folder  # noqa: E402
-from picochat.model import GPT  # noqa: E402
-from picochat.packed import is_packed_folder  # noqa: E402
-from picochat.tokenizer import Tokenizer  # noqa: E402
+from picochat.model.gpt import GPT  # noqa: E402
+from picochat.formats.packed import is_packed_folder  # noqa: E402
+from picochat.tokenizer.bpe import Tokenizer  # noqa: E402
+from picochat import hub
+from picochat.load import build_model
 
 OURS = (GGUFError, CheckpointError, ConfigError)  # picochat's own errors (all ValueErrors)
 FUZZ_EXAMPLES = int(os.environ.get("PICOCHAT_FUZZ_EXAMPLES", "40"))
@@ -217,7 +222,7 @@ def test_gguf_metadata_bounds(tiny_gguf, tmp_path, case):
         p.write_bytes(data[:at + 4] + struct.pack("<Q", 1 << 60) + data[at + 12:])
         expect(GGUFError, read_gguf_header, p, fragments=("'tokenizer.ggml.token_type'",))
     elif case == "too many items":  # present in the file, but more than any real array
-        n = gguf_format.MAX_ARRAY_ITEMS + 1
+        n = gguf_reader.MAX_ARRAY_ITEMS + 1
         p.write_bytes(with_kv(data, "junk", array_payload(0, n, bytes(n))))
         expect(GGUFError, read_gguf_header, p, fragments=("'junk", f"{n:,} items"))
     elif case == "nested":  # arrays of arrays of arrays
@@ -252,17 +257,17 @@ def test_gguf_context_length_is_bounded(tiny_gguf, tmp_path):
 def test_gguf_load_refused_when_memory_is_short(tiny_gguf, monkeypatch):
     """The float32 state dict is sized from the header and compared with free memory before any tensor is read."""
     need = sum(4 * t.n_elements for t in read_gguf_header(tiny_gguf).tensors.values())
-    monkeypatch.setattr(gguf_format, "available_memory", lambda: need // 2)
+    monkeypatch.setattr(hw, "available_memory", lambda: need // 2)
     with monkeypatch.context() as m:
-        m.setattr(gguf_format, "_read_tensor", lambda *a: pytest.fail("a tensor was read before the check"))
+        m.setattr(gguf_format, "read_tensor", lambda *a: pytest.fail("a tensor was read before the check"))
         expect(GGUFError, load_gguf, tiny_gguf, fragments=(str(tiny_gguf), "memory", "GiB"))
     assert gguf_tensor_summary(tiny_gguf)["config_error"] is None  # `info` reads no weights: still works
-    monkeypatch.setattr(gguf_format, "available_memory", lambda: 4 * need)
+    monkeypatch.setattr(hw, "available_memory", lambda: 4 * need)
     assert load_gguf(tiny_gguf).config.n_layer == 1
 
 
 def test_hf_load_refused_when_memory_is_short(tiny_hf, monkeypatch):
-    monkeypatch.setattr(gguf_format, "available_memory", lambda: 1000)
+    monkeypatch.setattr(hw, "available_memory", lambda: 1000)
     expect(CheckpointError, load_hf_folder, tiny_hf, fragments=(str(tiny_hf), "memory"))
 
 
@@ -272,11 +277,11 @@ def test_available_memory_reads_cgroup_limits(tmp_path):
     (v2 / "memory.max").write_text("1000000\n")
     (v2 / "memory.current").write_text("700000\n")
     (v2 / "memory.stat").write_text("anon 500000\ninactive_file 150000\nactive_file 50000\n")
-    assert gguf_format._cgroup_headroom(str(v2)) == 1000000 - 700000 + 150000
+    assert hw._cgroup_headroom(str(v2)) == 1000000 - 700000 + 150000
     (v2 / "memory.max").write_text("max\n")
-    assert gguf_format._cgroup_headroom(str(v2)) is None
-    assert gguf_format._cgroup_headroom(str(tmp_path / "none")) is None
-    have = gguf_format.available_memory()
+    assert hw._cgroup_headroom(str(v2)) is None
+    assert hw._cgroup_headroom(str(tmp_path / "none")) is None
+    have = hw.available_memory()
     assert have is None or have > 0
 
 
@@ -339,9 +344,9 @@ def test_run_folder_latest_names_a_child(tiny_hf, tmp_path, latest):
         (run / "step_000002").symlink_to(elsewhere)
         latest = "step_000002"
     (run / "latest").write_text(str(elsewhere) if latest == "ABS" else latest + "\n")
-    expect(CheckpointError, models.resolve, str(run), fragments=(str(run / "latest"), "inside"))
+    expect(CheckpointError, hub.resolve, str(run), fragments=(str(run / "latest"), "inside"))
     (run / "latest").write_text("step_000001\n")  # the honest file still works
-    assert models.resolve(str(run)) == run / "step_000001"
+    assert hub.resolve(str(run)) == run / "step_000001"
 
 
 def safetensors_bytes(header: dict, data: bytes, prefix: int | None = None) -> bytes:
@@ -399,7 +404,7 @@ def test_packed_marker_of_the_wrong_type(tiny_hf, tmp_path):
                          ids=["list", "number", "deep nesting"])
 def test_adapter_config_of_the_wrong_shape(tmp_path, text):
     (tmp_path / "adapter_config.json").write_text(text)
-    expect(CheckpointError, models.adapter_base, tmp_path, fragments=("adapter_config.json",))
+    expect(CheckpointError, hub.adapter_base, tmp_path, fragments=("adapter_config.json",))
 
 
 # ----------------------------------------------------------------------------- configs
@@ -561,7 +566,7 @@ def gguf_outcomes(path: Path) -> None:
     except OURS as e:
         return assert_ours(e, path)
     assert sum(t.nbytes for t in g.state_dict.values()) <= 16 * file_size
-    models.build_model(g.config, g.state_dict)
+    build_model(g.config, g.state_dict)
     try:
         Tokenizer.from_gguf_metadata(g.metadata, source=str(path))
     except ValueError as e:  # the tokenizer's own refusals name the file
@@ -622,7 +627,7 @@ def hf_outcomes(folder: Path) -> None:
             config, sd = result
             assert sum(t.nbytes for t in sd.values()) <= target.stat().st_size  # never more than the file holds
             try:
-                models.build_model(config, sd)
+                build_model(config, sd)
             except CheckpointError as e:  # names or shapes that do not fit the config
                 assert "missing tensors" in str(e) or "shape" in str(e) or "unexpected" in str(e), str(e)
 

@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import picochat.engine as engine_module
-from picochat.engine import Engine, SamplingParams
-from picochat.schemas import ChatRequest, CompletionRequest, RequestError, parse_json, validate
+from picochat.engine import sampling as engine_module
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams
+from picochat.serve.protocol import ChatRequest, CompletionRequest, RequestError, parse_json, validate
 
 from helpers import LiveServer, SlowModel, sampler_failing_on_seed, tiny_engine
 
@@ -205,11 +206,11 @@ def test_metrics_labels_are_routes_not_raw_paths(server):
 # ----------------------------------------------------------------------------- 7. SIGTERM
 SERVER_SCRIPT = textwrap.dedent("""
     import sys, time, torch
-    from picochat.config import ModelConfig
-    from picochat.engine import Engine
-    from picochat.model import GPT
-    from picochat.server import create_app, serve
-    from picochat.tokenizer import Tokenizer
+    from picochat.model.config import ModelConfig
+    from picochat.engine.engine import Engine
+    from picochat.model.gpt import GPT
+    from picochat.serve.app import create_app, serve
+    from picochat.tokenizer.bpe import Tokenizer
 
     tok = Tokenizer.train([{text!r}], vocab_size=300)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from picochat.humaneval import Problem, check, completion_code, evaluate, load_problems, pass_at_k
+from picochat.eval.humaneval import Problem, check, completion_code, evaluate, load_problems, pass_at_k
 
 
 @pytest.fixture(scope="module")

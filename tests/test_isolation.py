@@ -7,7 +7,9 @@ import threading
 import pytest
 import torch
 
-from picochat.engine import Batcher, Engine, SamplingParams
+from picochat.engine.batcher import Batcher
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams
 
 from helpers import WrappedModel, sampler_failing_on_seed, tiny_engine
 
@@ -111,7 +113,7 @@ def test_a_model_fault_ends_only_its_request(engine, stage, nan):
 
 
 def test_a_sampler_fault_ends_only_its_request(engine, monkeypatch):
-    import picochat.engine as engine_module
+    from picochat.engine import sampling as engine_module
     real = engine_module.sample_rows
     faulty = sampler_failing_on_seed(real, 666)
     monkeypatch.setattr(engine_module, "sample_rows", faulty)
@@ -131,13 +133,13 @@ def test_an_admission_fault_still_ends_the_request(engine, monkeypatch):
     """Today's hang: a request that fails while being admitted never got its end event."""
     healthy, poisoned = prompts(engine)
     batcher = Batcher(engine, max_batch=4, start=False)
-    real = batcher._take_row
+    real = batcher.rows.take
 
-    def faulty(request):
-        if len(request.gen.prompt_ids) == POISON_LENGTH:
+    def faulty(prompt_ids, first, scoring=False):
+        if len(prompt_ids) == POISON_LENGTH:
             raise MemoryError("injected admission fault")
-        return real(request)
-    monkeypatch.setattr(batcher, "_take_row", faulty)
+        return real(prompt_ids, first, scoring)
+    monkeypatch.setattr(batcher.rows, "take", faulty)
     runs = run_all(engine, batcher, healthy, poisoned)
     assert_isolated(engine, runs, healthy)
 
@@ -152,7 +154,7 @@ def test_a_finish_fault_still_ends_the_request(engine):
 
     def broken_finish():
         raise UnicodeError("injected finish fault")
-    requests[1].gen._finish = broken_finish
+    requests[1].gen.finish = broken_finish
     batcher.run(until_idle=True)
     assert [r.ends for r in recorders] == [1, 1, 1, 1]
     assert requests[1].gen.finish_reason.startswith("error: UnicodeError")
@@ -182,12 +184,12 @@ def test_cancel_at_each_stage_ends_exactly_once(engine, stage):
     if stage == "waiting":
         batcher.cancel(queued)
     else:
-        batcher._admit()
-        batcher._prefill_step()   # one chunk of 8 in: still prefilling
+        batcher.admit()
+        batcher.prefill_step()   # one chunk of 8 in: still prefilling
         if stage == "decode":
             while batcher.prefilling is not None:
-                batcher._prefill_step()
-            batcher._decode_step()
+                batcher.prefill_step()
+            batcher.decode_step()
         batcher.cancel(running)
     batcher.run(until_idle=True)
     assert first.ends == 1 and second.ends == 1
@@ -209,11 +211,11 @@ def test_every_request_ends_once_under_random_faults(engine):
         requests.append(batcher.submit(ids, greedy(n=int(torch.randint(1, 20, (1,), generator=rng))), recorders[-1]))
     steps = 0
     while batcher.waiting or batcher.busy:
-        batcher._admit()
+        batcher.admit()
         if batcher.prefilling is not None:
-            batcher._prefill_step()
+            batcher.prefill_step()
         if batcher.active:
-            batcher._decode_step()
+            batcher.decode_step()
         steps += 1
         if steps % 3 == 0:
             batcher.cancel(requests[int(torch.randint(0, 24, (1,), generator=rng))])
@@ -229,8 +231,8 @@ def test_close_ends_every_request_in_flight_with_an_error(engine):
     batcher = Batcher(engine, max_batch=1, start=False)
     recorders = [Recorder() for _ in range(3)]
     requests = [batcher.submit(ids, greedy(n=50), rec) for ids, rec in zip(healthy, recorders)]
-    batcher._admit()
-    batcher._prefill_step()
+    batcher.admit()
+    batcher.prefill_step()
     batcher.close()
     assert [r.ends for r in recorders] == [1, 1, 1]
     assert all("shutting down" in r.gen.finish_reason for r in requests)

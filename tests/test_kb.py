@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from picochat import models
-from picochat.documents import Document, DocumentError, Section, read_document, split_passages
-from picochat.encoder import Bert, BertConfig, SentenceEncoder, load_encoder
-from picochat.kb import EncoderMismatch, KnowledgeBase, kb_path, match_query
+from picochat.apps.documents import Document, DocumentError, Section, read_document, split_passages
+from picochat import hub
+from picochat.load import load_encoder
+from picochat.model.encoder import Bert, BertConfig, SentenceEncoder
+from picochat.apps.kb import EncoderMismatch, KnowledgeBase, kb_path, match_query
 
 
 def tiny_encoder(name="tiny-random", dim=32, seed=0) -> SentenceEncoder:
@@ -37,7 +38,7 @@ def tiny_encoder(name="tiny-random", dim=32, seed=0) -> SentenceEncoder:
 def real_encoder():
     try:
         return load_encoder()
-    except models.ModelNotFound:
+    except hub.ModelNotFound:
         return None
 
 
@@ -346,7 +347,7 @@ def test_readers_during_writes(tmp_path, encoder):
 
 
 def test_not_a_knowledge_base(tmp_path):
-    from picochat.kb import KnowledgeBaseError
+    from picochat.apps.kb import KnowledgeBaseError
     (tmp_path / "notes.sqlite").write_text("just text, " * 100)
     with pytest.raises(KnowledgeBaseError, match="notes.sqlite"):
         KnowledgeBase(tmp_path / "notes.sqlite")

@@ -18,12 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from picochat import cli, models, train
-from picochat.config import ModelConfig
-from picochat.data import PrepareConfig, prepare
+from picochat import cli
+from picochat.model.config import ModelConfig
+from picochat.data.prepare import PrepareConfig, prepare
 from picochat.formats.hf import CheckpointError, save_hf_folder
-from picochat.model import GPT
-from picochat.tokenizer import Tokenizer
+from picochat.model.gpt import GPT
+from picochat.tokenizer.bpe import Tokenizer
+from picochat.formats.runs import CheckpointWarning
+from picochat.formats.runs import checkpoint_folders
+from picochat.load import load
+from picochat.train.checkpoint import find_checkpoint
+from picochat.train.checkpoint import load_checkpoint_state
+from picochat.train.config import TrainConfig
+from picochat.train.loop import model_config_for
+from picochat.train.metrics import read_metrics
 
 # A one-layer model and 2 passes of 4 × 32 tokens a step: a step takes a few milliseconds, a process
 # ~2 s (importing torch). A checkpoint every 2 steps, the last 2 kept.
@@ -105,7 +113,7 @@ def kill_at_random(args: list[str], log: Path, metrics: Path, delay: float) -> b
 # ----------------------------------------------------------------------------- what a run left
 def records(out) -> dict[int, dict]:
     """The step records (with a loss) of a run's metrics.jsonl, by step."""
-    return {r["step"]: r for r in train.read_metrics(Path(out) / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r}
 
 
 def losses(out) -> dict[int, float]:
@@ -146,8 +154,8 @@ def assert_finished_cleanly(out, expected: dict[int, float], last_steps: list[st
     assert step_folders(out) == last_steps
     assert (Path(out) / "latest").read_text().strip() == last_steps[-1]
     assert [p.name for p in Path(out).iterdir() if p.name.startswith(".")] == []
-    assert train.find_checkpoint(None, out) == Path(out) / last_steps[-1]
-    models.load(str(out), dtype=torch.float32)  # what chat and serve load (a LoRA run: its base + adapter)
+    assert find_checkpoint(None, out) == Path(out) / last_steps[-1]
+    load(str(out), dtype=torch.float32)  # what chat and serve load (a LoRA run: its base + adapter)
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -170,7 +178,7 @@ def test_kills_at_every_stage_of_a_checkpoint_write_lose_nothing(data_dir, tmp_p
     assert "has no 'latest' file" in err and "resuming from" in err and "step_000002" in err
     assert continued_from(before, records(out)) == 2
     assert step_folders(out) == ["step_000002", "step_000004"] and (out / ".step_000006.tmp").is_dir()
-    assert newest_complete(out) == 4 and train.load_checkpoint_state(train.find_checkpoint(None, out))[3]["step"] == 4
+    assert newest_complete(out) == 4 and load_checkpoint_state(find_checkpoint(None, out))[3]["step"] == 4
     # the killed process was writing metrics too: a last line without its newline
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 3.9')
@@ -186,8 +194,8 @@ def test_kills_at_every_stage_of_a_checkpoint_write_lose_nothing(data_dir, tmp_p
 
     # 4. --resume falls back to the newest complete checkpoint and says so; killed after the run's last
     # save, while deleting the old checkpoints
-    with pytest.warns(train.CheckpointWarning, match="names step_000004, which is missing"):
-        assert train.find_checkpoint(None, out) == out / "step_000002"
+    with pytest.warns(CheckpointWarning, match="names step_000004, which is missing"):
+        assert find_checkpoint(None, out) == out / "step_000002"
     err = run(resume, tmp_path / "4.log", kill_at="pruning:12")
     assert "names step_000004, which is missing" in err and "resuming from" in err
     assert continued_from(before, records(out)) == 2
@@ -219,7 +227,7 @@ def test_kills_at_random_moments_lose_nothing(data_dir, tmp_path):
             now = records(out)
             assert not now or max(now) <= step or continued_from(before, now) == step
         if newest_complete(out):  # what the next run will continue from is whole
-            assert train.load_checkpoint_state(out / f"step_{newest_complete(out):06d}")[3]["step"] > 0
+            assert load_checkpoint_state(out / f"step_{newest_complete(out):06d}")[3]["step"] > 0
     assert kills > 0, "every run finished before its kill: the delays are too long for this machine"
     before, step = records(out), newest_complete(out)
     assert cli.main([*args, "--resume"] if step_folders(out) else args) == 0  # no kill: in this process
@@ -236,7 +244,7 @@ def base_dir(tmp_path_factory) -> Path:
                           vocab_size=330)
     torch.manual_seed(0)
     config = ModelConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, max_seq_len=64)
-    save_hf_folder(GPT(train.model_config_for(tok, config, train.TrainConfig())), folder, tok)
+    save_hf_folder(GPT(model_config_for(tok, config, TrainConfig())), folder, tok)
     return folder
 
 
@@ -279,8 +287,8 @@ def test_latest_never_leads_outside_the_run(finished_run, tmp_path):
     for name in ["../elsewhere", str(tmp_path / "elsewhere"), "step_000006/../../elsewhere", "step_000009", ""]:
         (run_dir / "latest").write_text(name + "\n")
         with pytest.raises(CheckpointError, match="not a checkpoint folder inside"):
-            train.find_checkpoint(None, run_dir)
-    assert train.checkpoint_folders(run_dir) == [run_dir / f"step_00000{i}" for i in (2, 4, 6)]  # not the link
+            find_checkpoint(None, run_dir)
+    assert checkpoint_folders(run_dir) == [run_dir / f"step_00000{i}" for i in (2, 4, 6)]  # not the link
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(finished_run, tmp_path):
@@ -289,10 +297,10 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(finished_run, 
     weights = run_dir / "step_000006" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # torn (a copy or a disk that lost its tail)
     with pytest.raises(CheckpointError, match="model.safetensors is missing or truncated"):
-        train.find_checkpoint(run_dir / "step_000006")  # named explicitly: refused, not loaded
-    with pytest.warns(train.CheckpointWarning, match="names step_000006, which is incomplete"):
-        assert train.find_checkpoint(None, run_dir) == run_dir / "step_000004"
+        find_checkpoint(run_dir / "step_000006")  # named explicitly: refused, not loaded
+    with pytest.warns(CheckpointWarning, match="names step_000006, which is incomplete"):
+        assert find_checkpoint(None, run_dir) == run_dir / "step_000004"
     shutil.rmtree(run_dir / "step_000002")
     shutil.rmtree(run_dir / "step_000004")
     with pytest.raises(CheckpointError, match="no other complete checkpoint"):
-        train.find_checkpoint(None, run_dir)
+        find_checkpoint(None, run_dir)

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness runs picochat (picochat/lm_eval_plugin.py) on three local-file tasks — multiple choice,
+"""lm-evaluation-harness runs picochat (picochat/eval/lm_eval_plugin.py) on three local-file tasks — multiple choice,
 perplexity (loglikelihood_rolling) and generate_until — through its Python API and its command line, offline.
 The harness's numbers are LocalModel's, and those are transformers' for the same tiny random model."""
 import json
@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-from picochat import models
-from picochat.engine import Engine, SamplingParams
-from picochat.eval_models import LocalModel, split_tokens
-from picochat.lm_eval_plugin import PicochatLM, cut_at_stops, sampling_params
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams
+from picochat.backends import LocalModel, split_tokens
+from picochat.eval.lm_eval_plugin import PicochatLM, cut_at_stops, sampling_params
+from picochat.load import load
 
 from helpers import save_tiny_folder
 
@@ -43,7 +44,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local(tiny_dir):
     """picochat's own evaluation model on the folder, as the plugin loads it."""
-    loaded = models.load(str(tiny_dir), dtype="float32")
+    loaded = load(str(tiny_dir), dtype="float32")
     return LocalModel(Engine(loaded.model, loaded.tokenizer), batch_size=4)
 
 
@@ -180,9 +181,9 @@ def test_generate_until_stops_at_until(evaluated, stop):
 
 
 def test_the_lm_eval_command_line_runs_picochat(tiny_dir, tasks_dir, offline_env, evaluated, tmp_path):
-    """lm-eval's own command line, as `python -m picochat.lm_eval_plugin` runs it: `--model picochat` resolves
+    """lm-eval's own command line, as `python -m picochat.eval.lm_eval_plugin` runs it: `--model picochat` resolves
     through the installed entry point (lm-eval 0.4.x reads none by itself), same numbers as in-process."""
-    command = [sys.executable, "-m", "picochat.lm_eval_plugin", "--model", "picochat",
+    command = [sys.executable, "-m", "picochat.eval.lm_eval_plugin", "--model", "picochat",
                "--model_args", f"pretrained={tiny_dir},dtype=float32", "--tasks", "tiny_mc",
                "--include_path", str(tasks_dir), "--output_path", str(tmp_path)]
     done = subprocess.run(command, env=offline_env, capture_output=True, text=True, timeout=300)

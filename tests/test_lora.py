@@ -5,10 +5,13 @@ import json
 import pytest
 import torch
 
-from picochat import lora, models
-from picochat.config import ModelConfig
+from picochat.model.config import ModelConfig
 from picochat.formats.hf import save_hf_folder
-from picochat.model import GPT
+from picochat.model.gpt import GPT
+from picochat import hub
+from picochat.formats import peft as peft_format
+from picochat.load import load
+from picochat.model import lora
 
 TINY = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=80, max_seq_len=32)
 ALL = lora.TARGET_MODULES
@@ -78,7 +81,7 @@ def test_merging_gives_the_same_logits_as_base_plus_adapter():
 
 def test_a_peft_format_adapter_round_trips(tmp_path):
     model = adapted(targets=("q_proj", "k_proj", "down_proj"))
-    lora.save_adapter(model, tmp_path / "adapter", base_model_name_or_path="base")
+    peft_format.save_adapter(model, tmp_path / "adapter", base_model_name_or_path="base")
     from safetensors.torch import load_file
     keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
@@ -86,25 +89,25 @@ def test_a_peft_format_adapter_round_trips(tmp_path):
     assert len(keys) == 2 * 3 * TINY.n_layer
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == ("LORA", 4, 8.0, "base")
-    config, tensors, base = lora.read_adapter(tmp_path / "adapter", TINY)
+    config, tensors, base = peft_format.read_adapter(tmp_path / "adapter", TINY)
     again = lora.apply_lora(tiny_model(), config)
-    lora.load_adapter_weights(again, tensors)
+    peft_format.load_adapter_weights(again, tensors)
     with torch.no_grad():
         torch.testing.assert_close(again(X)[0], model(X)[0])
 
 
 def test_models_load_applies_an_adapter_that_names_its_base(tmp_path):
-    from picochat.tokenizer import Tokenizer
+    from picochat.tokenizer.bpe import Tokenizer
     save_hf_folder(tiny_model(), tmp_path / "base", Tokenizer.train(["hello world, the cat"] * 5, vocab_size=300))
     model = adapted()
-    lora.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
-    loaded = models.load(str(tmp_path / "adapter"), dtype=torch.float32).model
-    explicit = models.load(str(tmp_path / "base"), dtype=torch.float32, adapter=str(tmp_path / "adapter")).model
+    peft_format.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    loaded = load(str(tmp_path / "adapter"), dtype=torch.float32).model
+    explicit = load(str(tmp_path / "base"), dtype=torch.float32, adapter=str(tmp_path / "adapter")).model
     with torch.no_grad():
         torch.testing.assert_close(loaded(X)[0], model(X)[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(explicit(X)[0], model(X)[0], atol=1e-5, rtol=1e-5)
-    with pytest.raises(models.ModelNotFound, match="not a LoRA adapter folder"):
-        models.load(str(tmp_path / "base"), adapter=str(tmp_path / "base"))
+    with pytest.raises(hub.ModelNotFound, match="not a LoRA adapter folder"):
+        load(str(tmp_path / "base"), adapter=str(tmp_path / "base"))
 
 
 def test_peft_loads_our_adapter_onto_transformers_llama_with_the_same_logits(tmp_path):
@@ -112,16 +115,16 @@ def test_peft_loads_our_adapter_onto_transformers_llama_with_the_same_logits(tmp
     transformers = pytest.importorskip("transformers")
     save_hf_folder(tiny_model(), tmp_path / "base")
     model = adapted()
-    lora.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    peft_format.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(X).logits, model(X)[0], atol=1e-4, rtol=1e-4)
     # and PEFT's own save is what we read
     hf.save_pretrained(tmp_path / "peft-saved")
-    config, tensors, _ = lora.read_adapter(tmp_path / "peft-saved", TINY)
+    config, tensors, _ = peft_format.read_adapter(tmp_path / "peft-saved", TINY)
     again = lora.apply_lora(tiny_model(), config)
-    lora.load_adapter_weights(again, tensors)
+    peft_format.load_adapter_weights(again, tensors)
     with torch.no_grad():
         torch.testing.assert_close(again(X)[0], model(X)[0], atol=1e-5, rtol=1e-5)
 

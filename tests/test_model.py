@@ -3,9 +3,9 @@ import pytest
 import torch
 import transformers
 
-from picochat.config import ModelConfig
+from picochat.model.config import ModelConfig
 from picochat.formats.hf import load_hf_folder, save_hf_folder
-from picochat.model import GPT
+from picochat.model.gpt import GPT
 
 HF_CONFIGS = {
     "gpt2": transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,

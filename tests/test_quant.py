@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from picochat import kernels, quant
-from picochat.quant import QuantizedMatrix
+from picochat import kernels
+from picochat.quant import gguf_blocks as gguf_quant
+from picochat.quant import layers, matrix
+from picochat.quant.matrix import QuantizedMatrix
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES  # noqa: E402
@@ -36,7 +38,7 @@ def emulate(x: torch.Tensor, m: QuantizedMatrix) -> torch.Tensor:
     dot products with the codes, then Σ_g scale·xs/254·Σ(254·xq + xr)·q + min·Σx."""
     codes, scale, mins = m.unpack()
     n, k = codes.shape
-    kp, g = quant.padded(k), m.group
+    kp, g = matrix.padded(k), m.group
     xp = F.pad(x.float(), (0, kp - k)).view(x.shape[0], -1, g)
     xs = xp.abs().amax(-1) / 127
     f = xp * torch.where(xs > 0, 1 / xs, 0)[..., None]
@@ -63,7 +65,7 @@ def test_pack_and_unpack_round_trip(bits, group):
         codes, scale, mins = m.unpack()
         again = QuantizedMatrix.from_codes(codes, scale, mins, bits, group)
         assert torch.equal(again.packed, m.packed) and m.shape == (n, k)
-        assert m.packed.shape[0] == -(-n // quant.ROWS)
+        assert m.packed.shape[0] == -(-n // matrix.ROWS)
 
 
 def test_cat_and_take_rows_keep_the_values():
@@ -81,7 +83,7 @@ def test_cat_and_take_rows_keep_the_values():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_rounds_each_weight_to_its_nearest_code(bits):
     w = torch.randn(40, 200) * 0.05
-    m = quant.quantize(w, bits, 32)
+    m = matrix.quantize(w, bits, 32)
     err = (m.dequantize() - w).abs()
     _, scale, _ = m.unpack()
     step = scale.float().repeat_interleave(32, dim=1)[:, :200]
@@ -109,8 +111,8 @@ def test_gguf_blocks_become_the_same_values(qtype):
     rows, cols = 6, 512
     raw = gguf_blocks(qtype, rows, cols, np.random.default_rng(int(qtype)))
     want = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(rows, cols))
-    m = quant.from_gguf(qtype.name, raw.reshape(-1), (rows, cols))
-    assert m.bits == quant.EXACT_TYPES[qtype.name]
+    m = gguf_quant.from_gguf(qtype.name, raw.reshape(-1), (rows, cols))
+    assert m.bits == gguf_quant.EXACT_TYPES[qtype.name]
     got = m.dequantize()
     if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0):
         assert torch.equal(got, want)                      # their scales are float16: exact
@@ -136,7 +138,7 @@ def test_kernel_equals_an_exact_emulation_of_its_arithmetic(bits, has_min, group
 def test_kernel_is_close_to_dequantize_then_matmul(bits):
     for i, (tokens, n, k) in enumerate(SHAPES):
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(i)) * 0.05
-        m = quant.quantize(w, bits, 32)
+        m = matrix.quantize(w, bits, 32)
         x = torch.randn(2, tokens, k)                        # any leading dimensions
         want = x @ m.dequantize().T
         got = run_kernel(x, m)
@@ -162,11 +164,11 @@ def test_kernel_dequantize_equals_plain_pytorch():
 
 @needs_kernel
 def test_qlinear_and_qembedding_layers():
-    m = quant.quantize(torch.randn(48, 64) * 0.1, 8, 32)
-    layer = quant.QLinear(m, bias=torch.randn(48))
+    m = matrix.quantize(torch.randn(48, 64) * 0.1, 8, 32)
+    layer = layers.QLinear(m, bias=torch.randn(48))
     x = torch.randn(3, 64)
     assert torch.allclose(layer(x), x @ m.dequantize().T + layer.bias, rtol=0.02, atol=0.02)
-    emb = quant.QEmbedding(m)
+    emb = layers.QEmbedding(m)
     idx = torch.tensor([[3, 47], [0, 3]])
     assert torch.equal(emb(idx), m.dequantize()[idx])
 
@@ -190,7 +192,7 @@ print("ok")
 
 
 def _cpu_has(flag: str) -> bool:
-    from picochat.cpu import cpu_flags
+    from picochat.hw import cpu_flags
     return flag in cpu_flags()
 
 
@@ -209,9 +211,10 @@ def test_every_instruction_set_path_computes_the_same(march, isa, flag, tmp_path
 
 
 # ----------------------------------------------------------------------------- whole models
-from picochat import models  # noqa: E402
-from picochat.engine import Engine, SamplingParams  # noqa: E402
-from picochat.packed import save_packed  # noqa: E402
+from picochat.load import load  # noqa: E402
+from picochat.engine.engine import Engine  # noqa: E402
+from picochat.engine.sampling import SamplingParams  # noqa: E402
+from picochat.formats.packed import save_packed  # noqa: E402
 from test_gguf import write_tiny_gguf  # noqa: E402
 
 
@@ -224,7 +227,7 @@ def tiny_vocabulary(monkeypatch):
     """The tiny test GGUFs name tokens <t0>..<t255> without a real BPE vocabulary: read them as whole words."""
     import tokenizers
 
-    from picochat.tokenizer import Tokenizer
+    from picochat.tokenizer.bpe import Tokenizer
     real = Tokenizer.from_gguf_metadata.__func__
 
     def from_gguf_metadata(cls, meta, source="GGUF metadata"):
@@ -250,11 +253,11 @@ def tiny_files(tmp_path_factory):
 @needs_kernel
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_a_quantized_gguf_model_computes_what_its_float_twin_does(tiny_files, arch):
-    q = models.load(str(tiny_files[arch]), cache=False)
-    f = models.load(str(tiny_files[arch]), dtype="float32", quantized=False, fuse=False)
+    q = load(str(tiny_files[arch]), cache=False)
+    f = load(str(tiny_files[arch]), dtype="float32", quantized=False, fuse=False)
     assert q.weights == "quantized" and f.weights == "float"
-    assert any(isinstance(m, quant.QLinear) for m in q.model.modules())
-    assert not any(isinstance(m, quant.QLinear) for m in f.model.modules())
+    assert any(isinstance(m, layers.QLinear) for m in q.model.modules())
+    assert not any(isinstance(m, layers.QLinear) for m in f.model.modules())
     idx = torch.randint(0, q.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         got, _ = q.model(idx)
@@ -272,24 +275,24 @@ def test_a_converted_gguf_is_cached_and_converted_again_when_it_changes(tmp_path
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, "qwen2", seed=1)
-    first = models.load(str(path))
-    second = models.load(str(path))
+    first = load(str(path))
+    second = load(str(path))
     assert not first.from_cache and second.from_cache and second.weights == "quantized"
     idx = torch.tensor([[5, 9, 31, 2, 77]])
     with torch.inference_mode():
         assert torch.equal(first.model(idx)[0], second.model(idx)[0])
         assert first.tokenizer.encode("<t5><t9>") == second.tokenizer.encode("<t5><t9>")
         write_tiny_gguf(path, "qwen2", seed=2)          # a different file at the same path
-        third = models.load(str(path))
+        third = load(str(path))
         assert not third.from_cache and not torch.equal(third.model(idx)[0], first.model(idx)[0])
 
 
 @needs_kernel
 def test_a_packed_folder_loads_back_the_same_model(tiny_files, tmp_path):
-    q = models.load(str(tiny_files["llama"]), cache=False)
+    q = load(str(tiny_files["llama"]), cache=False)
     folder = save_packed(q.model, q.tokenizer, tmp_path / "packed")
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
-    back = models.load(str(folder))
+    back = load(str(folder))
     assert back.format == "packed" and back.weights == "quantized"
     idx = torch.tensor([[1, 2, 3, 50, 60]])
     with torch.inference_mode():
@@ -298,11 +301,11 @@ def test_a_packed_folder_loads_back_the_same_model(tiny_files, tmp_path):
 
 @needs_kernel
 def test_smollm2_quantized_and_fused_answers_like_float32(smollm2_path):
-    q = models.load(str(smollm2_path), cache=False)
-    f = models.load(str(smollm2_path), dtype="float32", quantized=False, fuse=False)
+    q = load(str(smollm2_path), cache=False)
+    f = load(str(smollm2_path), dtype="float32", quantized=False, fuse=False)
     block = q.model.layers[0]
-    assert isinstance(block.attn.qkv_proj, quant.QLinear) and isinstance(block.mlp.gate_up_proj, quant.QLinear)
-    assert isinstance(q.model.embed, quant.QEmbedding) and q.model.lm_head.qweight is q.model.embed.qweight
+    assert isinstance(block.attn.qkv_proj, layers.QLinear) and isinstance(block.mlp.gate_up_proj, layers.QLinear)
+    assert isinstance(q.model.embed, layers.QEmbedding) and q.model.lm_head.qweight is q.model.embed.qweight
     params = SamplingParams(temperature=0, max_new_tokens=12)
     for question, answer in [("What is the capital of France?", "Paris"), ("What is 12 times 12?", None)]:
         ids = Engine(q.model, q.tokenizer).chat_prompt([{"role": "user", "content": question}])
@@ -316,9 +319,9 @@ def test_smollm2_quantized_and_fused_answers_like_float32(smollm2_path):
 
 
 # ----------------------------------------------------------------------------- the decoder's other kernels
-from picochat import model as model_module  # noqa: E402
-from picochat.config import ModelConfig  # noqa: E402
-from picochat.model import GPT, rotate_half  # noqa: E402
+from picochat.model import gpt as model_module  # noqa: E402
+from picochat.model.config import ModelConfig  # noqa: E402
+from picochat.model.gpt import GPT, rotate_half  # noqa: E402
 
 
 @needs_kernel
@@ -353,15 +356,18 @@ def test_decode_attention_appends_and_attends_each_row_over_its_own_length():
 
 @needs_kernel
 def test_generation_with_and_without_the_kernels_agrees(monkeypatch):
-    quant.use_kernels()
     config = ModelConfig(vocab_size=101, n_layer=2, n_head=6, n_kv_head=2, n_embd=48, intermediate_size=80,
                          max_seq_len=64, initializer_range=0.2)
     torch.manual_seed(0)
     model = GPT(config).eval()
     idx = torch.randint(0, 101, (2, 12))
-    outputs = []
+    outputs, kernel_calls = [], []
+    real = model_module._kernel_ok
+    monkeypatch.setattr(model_module, "_kernel_ok", lambda x, enabled: kernel_calls.append(real(x, enabled))
+                        or kernel_calls[-1])
     for on in (False, True):
-        monkeypatch.setattr(model_module, "CPU_KERNELS", on)
+        model.use_cpu_kernels(on)
+        kernel_calls.clear()
         with torch.inference_mode():
             cache = model.new_kv_cache(2, 32)
             cache.lengths[1] = 0
@@ -370,4 +376,5 @@ def test_generation_with_and_without_the_kernels_agrees(monkeypatch):
             for t in range(8, 12):
                 logits.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
         outputs.append(torch.cat(logits, dim=1))
+        assert any(kernel_calls) == on  # RMSNorm, RoPE and the one-token attention ran on the kernels, or none did
     assert torch.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)

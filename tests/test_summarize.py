@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from picochat.eval_models import LocalModel
-from picochat.summarize import clean_summary, split_text, summarize
+from picochat.backends import LocalModel
+from picochat.apps.summarize import clean_summary, split_text, summarize
 
 from helpers import tiny_engine
 
@@ -186,7 +186,7 @@ def test_an_empty_text_is_refused():
 
 
 def test_many_texts_share_each_round():
-    from picochat.summarize import summarize_many
+    from picochat.apps.summarize import summarize_many
     model = Scripted()
     seen = []
     short, long = summarize_many(model, ["A fox jumps.", LONG], words=20, context_tokens=200, count_tokens=words,

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from picochat.tokenizer import (DEFAULT_CHAT_TEMPLATE, DEFAULT_SPECIAL_TOKENS, StreamDecoder, Tokenizer,
+from picochat.tokenizer.bpe import (DEFAULT_CHAT_TEMPLATE, DEFAULT_SPECIAL_TOKENS, StreamDecoder, Tokenizer,
                                 bytes_to_unicode)
 
 

@@ -14,12 +14,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from picochat import cli, models, train
-from picochat.config import PRESETS, ModelConfig
-from picochat.data import DataError, PrepareConfig, prepare
+from picochat import cli
+from picochat.model.config import PRESETS, ModelConfig
+from picochat.data.prepare import PrepareConfig, prepare
+from picochat.data.tokens import DataError
 from picochat.formats.hf import CheckpointError, save_hf_folder
-from picochat.model import GPT
-from picochat.train import TrainConfig
+from picochat.model.gpt import GPT
+from picochat.train.config import TrainConfig
+from picochat.cli.train import configs_from_args
+from picochat.load import load
+from picochat.train.config import TRAIN_PRESETS
+from picochat.train.dist import DistInfo
+from picochat.train.loop import accumulate_gradients
+from picochat.train.loop import train
+from picochat.train.metrics import read_metrics
+from picochat.train.optim import lr_schedule
+from picochat.train.optim import make_optimizers
+from picochat.train.optim import param_groups
 
 # A model small enough that a step takes milliseconds.
 TINY = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=160, max_seq_len=64)
@@ -58,7 +69,7 @@ def tiny_config(data_dir, out_dir, **changes) -> TrainConfig:
 
 
 def losses(out_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in train.read_metrics(Path(out_dir) / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(Path(out_dir) / "metrics.jsonl") if "loss" in r}
 
 
 def tree(folder: Path) -> dict:
@@ -70,12 +81,12 @@ def tree(folder: Path) -> dict:
 def test_a_tiny_run_learns_and_writes_its_outputs(data_dir, tmp_path):
     out = tmp_path / "run"
     records = []
-    result = train.train(tiny_config(data_dir, out, max_steps=60, eval_interval=30, sample_interval=30,
+    result = train(tiny_config(data_dir, out, max_steps=60, eval_interval=30, sample_interval=30,
                                       checkpoint_interval=20, keep_last=2), TINY, on_record=records.append)
     loss = losses(out)
     assert sorted(loss) == list(range(1, 61))
     assert loss[60] < 0.5 * loss[1], f"loss fell only from {loss[1]:.3f} to {loss[60]:.3f}"
-    metrics = train.read_metrics(out / "metrics.jsonl")
+    metrics = read_metrics(out / "metrics.jsonl")
     assert metrics == records  # on_record sees what metrics.jsonl gets
     val = [r for r in metrics if "val_loss" in r]
     assert [r["step"] for r in val] == [0, 30, 60]
@@ -101,7 +112,7 @@ def test_a_tiny_run_learns_and_writes_its_outputs(data_dir, tmp_path):
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_an_interrupted_and_resumed_run_repeats_the_uninterrupted_one_exactly(data_dir, tmp_path, optimizer):
     config = tiny_config(data_dir, tmp_path / "straight", optimizer=optimizer)
-    train.train(config, TINY)
+    train(config, TINY)
 
     class Crash(Exception):
         pass
@@ -112,14 +123,14 @@ def test_an_interrupted_and_resumed_run_repeats_the_uninterrupted_one_exactly(da
 
     resumed = dataclasses.replace(config, out_dir=str(tmp_path / "resumed"))
     with pytest.raises(Crash):
-        train.train(resumed, TINY, on_record=crash_at_step_8)
+        train(resumed, TINY, on_record=crash_at_step_8)
     assert max(losses(resumed.out_dir)) == 8
-    train.train(resumed, TINY, resume=True)
+    train(resumed, TINY, resume=True)
 
     straight, again = losses(config.out_dir), losses(resumed.out_dir)
     assert sorted(again) == list(range(1, 13))  # the crashed tail (7, 8) was replaced, not duplicated
     assert again == straight  # float32 on one process: bit for bit
-    val = [train.read_metrics(Path(d) / "metrics.jsonl")[-1]["val_loss"] for d in (config.out_dir, resumed.out_dir)]
+    val = [read_metrics(Path(d) / "metrics.jsonl")[-1]["val_loss"] for d in (config.out_dir, resumed.out_dir)]
     assert val[0] == val[1]
     a = load_file(tmp_path / "straight" / "step_000012" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "step_000012" / "model.safetensors")
@@ -148,8 +159,8 @@ def test_resume_from_the_command_line_takes_the_checkpoints_configuration(data_d
 # ----------------------------------------------------------------------------- checkpoints load elsewhere
 def test_a_checkpoint_loads_with_models_load_and_transformers(data_dir, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    result = train.train(tiny_config(data_dir, tmp_path / "run", max_steps=6, sample_interval=0), TINY)
-    loaded = models.load(str(result.checkpoint), dtype=torch.float32)
+    result = train(tiny_config(data_dir, tmp_path / "run", max_steps=6, sample_interval=0), TINY)
+    loaded = load(str(result.checkpoint), dtype=torch.float32)
     ids = torch.tensor([loaded.tokenizer.encode("The cat sees a red ball.", add_special_tokens=True)])
     ours, _ = loaded.model(ids)
     hf = transformers.LlamaForCausalLM.from_pretrained(result.checkpoint, dtype=torch.float32).eval()
@@ -167,32 +178,32 @@ def test_a_checkpoint_loads_with_models_load_and_transformers(data_dir, tmp_path
 # ----------------------------------------------------------------------------- schedule and optimizers
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(warmup_steps=10, schedule="cosine", min_lr_frac=0.1)
-    lrs = [train.lr_schedule(s, 100, cfg) for s in range(100)]
+    lrs = [lr_schedule(s, 100, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[4] == pytest.approx(0.5) and lrs[9] == 1.0 and lrs[10] == 1.0
     assert lrs[99] == pytest.approx(0.1)
     assert lrs[54] == pytest.approx(0.55, abs=0.01)  # half way through the decay: half way down
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     wsd = dataclasses.replace(cfg, schedule="wsd", decay_frac=0.2, min_lr_frac=0.0)
-    lrs = [train.lr_schedule(s, 100, wsd) for s in range(100)]
+    lrs = [lr_schedule(s, 100, wsd) for s in range(100)]
     assert all(x == 1.0 for x in lrs[10:81]) and lrs[99] == 0.0
     assert lrs[90] == pytest.approx((99 - 90) / (99 - 81.2), abs=0.02)  # linear from the stable phase to 0
     const = dataclasses.replace(cfg, schedule="constant")
-    assert [train.lr_schedule(s, 100, const) for s in (10, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [lr_schedule(s, 100, const) for s in (10, 50, 99)] == [1.0, 1.0, 1.0]
     # a time budget: the decay follows the clock when it is further along than the steps
     timed = dataclasses.replace(cfg, warmup_steps=0, max_time=60.0)
-    assert train.lr_schedule(5, 0, timed, elapsed=30.0) == pytest.approx(0.55)
-    assert train.lr_schedule(5, 0, timed, elapsed=60.0) == pytest.approx(0.1)
+    assert lr_schedule(5, 0, timed, elapsed=30.0) == pytest.approx(0.55)
+    assert lr_schedule(5, 0, timed, elapsed=60.0) == pytest.approx(0.1)
 
 
 def test_adamw_decays_matrices_only_and_muon_takes_the_hidden_matrices():
     model = GPT(TINY.replace(tie_word_embeddings=False, vocab_size=128))
-    groups = {k: [n for n, _ in v] for k, v in train.param_groups(model, TrainConfig()).items()}
+    groups = {k: [n for n, _ in v] for k, v in param_groups(model, TrainConfig()).items()}
     assert groups["muon"] == []
     assert "lm_head.weight" in groups["decay"] and "layers.0.attn.q_proj.weight" in groups["decay"]
     assert all(not n.endswith("norm.weight") and n != "embed.weight" for n in groups["decay"])
     assert {"embed.weight", "norm.weight", "layers.0.attn_norm.weight", "layers.1.mlp_norm.weight"} <= set(
         groups["no_decay"])
-    (adamw,) = train.make_optimizers(model, TrainConfig(weight_decay=0.1), "cpu")
+    (adamw,) = make_optimizers(model, TrainConfig(weight_decay=0.1), "cpu")
     by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in adamw.param_groups}
     params = dict(model.named_parameters())
     assert id(params["embed.weight"]) in by_decay[0.0] and id(params["norm.weight"]) in by_decay[0.0]
@@ -200,31 +211,31 @@ def test_adamw_decays_matrices_only_and_muon_takes_the_hidden_matrices():
     # GPT-2: biases, LayerNorm weights and the position embedding are not decayed either
     gpt2 = GPT(PRESETS["gpt2-124m"].replace(n_layer=1, n_embd=32, n_head=2, n_kv_head=2, intermediate_size=64,
                                             vocab_size=64, max_seq_len=16, head_dim=None))
-    g2 = {k: [n for n, _ in v] for k, v in train.param_groups(gpt2, TrainConfig()).items()}
+    g2 = {k: [n for n, _ in v] for k, v in param_groups(gpt2, TrainConfig()).items()}
     assert all(n.endswith(".weight") and "norm" not in n for n in g2["decay"])
     assert {"pos_embed.weight", "layers.0.attn.q_proj.bias", "layers.0.attn_norm.bias"} <= set(g2["no_decay"])
     # Muon: the 2-D matrices inside the blocks; AdamW keeps the embedding, the head and the norms
     muon_cfg = TrainConfig(optimizer="muon")
-    gm = {k: [n for n, _ in v] for k, v in train.param_groups(model, muon_cfg).items()}
+    gm = {k: [n for n, _ in v] for k, v in param_groups(model, muon_cfg).items()}
     assert set(gm["muon"]) == {n for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2}
     assert gm["decay"] == ["lm_head.weight"]
-    adamw, muon = train.make_optimizers(model, muon_cfg, "cpu")
+    adamw, muon = make_optimizers(model, muon_cfg, "cpu")
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     # frozen parameters (LoRA trains a few matrices) get no optimizer state at all
     model.embed.weight.requires_grad_(False)
-    assert "embed.weight" not in sum((list(dict(v)) for v in train.param_groups(model, muon_cfg).values()), [])
+    assert "embed.weight" not in sum((list(dict(v)) for v in param_groups(model, muon_cfg).values()), [])
 
 
 def test_muon_trains(data_dir, tmp_path):
-    train.train(tiny_config(data_dir, tmp_path / "muon", optimizer="muon", max_steps=40, eval_interval=0,
+    train(tiny_config(data_dir, tmp_path / "muon", optimizer="muon", max_steps=40, eval_interval=0,
                             sample_interval=0, checkpoint_interval=0), TINY)
     loss = losses(tmp_path / "muon")
     assert loss[40] < 0.5 * loss[1], f"loss fell only from {loss[1]:.3f} to {loss[40]:.3f}"
 
 
 def test_bits_per_byte_counts_the_bytes_of_unmasked_targets(data_dir):
-    from picochat.evaluation import validation_loss
-    from picochat.tokenizer import Tokenizer
+    from picochat.eval.tasks import validation_loss
+    from picochat.tokenizer.bpe import Tokenizer
     tok = Tokenizer.from_file(data_dir / "tokenizer")
     token_bytes = torch.from_numpy(tok.token_byte_lengths())
     text = "The cat sees a red ball. 你好"
@@ -254,7 +265,7 @@ def test_gradient_accumulation_weights_each_pass_by_its_unmasked_targets():
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     passes = [(x[:1], y[:1]), (x[1:3], y[1:3]), (x[3:], y[3:])]
-    got = train.accumulate_gradients(model, passes, train.DistInfo(), torch.autocast("cpu", enabled=False),
+    got = accumulate_gradients(model, passes, DistInfo(), torch.autocast("cpu", enabled=False),
                                      lambda last: nullcontext())
     assert got == pytest.approx(loss.item(), rel=1e-6)
     for n, p in model.named_parameters():
@@ -284,7 +295,7 @@ def distributed_args(data_dir, out_dir, mode) -> list[str]:
 def single_process_reference(data_dir, tmp_path_factory) -> Path:
     """One process with the global batch of the 2-process runs: 2 × 4 sequences per pass, 2 passes a step."""
     out = tmp_path_factory.mktemp("single") / "run"
-    train.train(tiny_config(data_dir, out, batch_size=8, grad_accum=2, max_steps=6, warmup_steps=2,
+    train(tiny_config(data_dir, out, batch_size=8, grad_accum=2, max_steps=6, warmup_steps=2,
                             eval_interval=3, checkpoint_interval=3, sample_interval=6, sample_tokens=4), TINY)
     return out
 
@@ -301,7 +312,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(mode, data_d
     # amplify a little (measured: at most 1e-6 relative, 0 at step 1).
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
-    val = lambda d: [r["val_loss"] for r in train.read_metrics(Path(d) / "metrics.jsonl") if "val_loss" in r]
+    val = lambda d: [r["val_loss"] for r in read_metrics(Path(d) / "metrics.jsonl") if "val_loss" in r]
     assert val(out) == pytest.approx(val(single_process_reference), rel=1e-5)
     # only rank 0 wrote: one metrics file, the checkpoints, the PNG; the weights match the single run's
     assert sorted(p.name for p in out.iterdir()) == ["latest", "loss.png", "metrics.jsonl", "step_000003",
@@ -321,7 +332,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(mode, data_d
 def test_muon_under_fsdp2_orthogonalizes_the_whole_sharded_matrices(data_dir, tmp_path):
     """torch.optim.Muon works on FSDP2's sharded DTensor parameters: the result matches one process."""
     single = tmp_path / "single"
-    train.train(tiny_config(data_dir, single, batch_size=8, grad_accum=2, max_steps=6, warmup_steps=2,
+    train(tiny_config(data_dir, single, batch_size=8, grad_accum=2, max_steps=6, warmup_steps=2,
                             eval_interval=3, checkpoint_interval=3, sample_interval=6, sample_tokens=4,
                             optimizer="muon"), TINY)
     out = tmp_path / "fsdp"
@@ -338,7 +349,7 @@ def test_a_folder_without_meta_json_is_refused_before_anything_is_written(tmp_pa
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
     with pytest.raises(DataError, match="no meta.json"):
-        train.train(tiny_config(tmp_path / "empty", out), TINY)
+        train(tiny_config(tmp_path / "empty", out), TINY)
     assert not out.exists()
     assert cli.main(["train", "--preset", "tiny", "--data-dir", str(tmp_path / "empty"), "--out-dir", str(out)]) == 1
     err = capsys.readouterr().err
@@ -347,14 +358,14 @@ def test_a_folder_without_meta_json_is_refused_before_anything_is_written(tmp_pa
 
 
 def test_resume_from_another_architecture_names_the_mismatch_and_writes_nothing(data_dir, tmp_path, capsys):
-    other = train.train(tiny_config(data_dir, tmp_path / "other", max_steps=3, checkpoint_interval=3,
+    other = train(tiny_config(data_dir, tmp_path / "other", max_steps=3, checkpoint_interval=3,
                                     eval_interval=0, sample_interval=0), TINY_GPT2)  # GPT-2 trains too
     before = tree(tmp_path / "other")
     out = tmp_path / "new"
     with pytest.raises(CheckpointError, match=r"architecture: checkpoint 'gpt2', this run 'llama'"):
-        train.train(tiny_config(data_dir, out), TINY, resume=other.checkpoint)
+        train(tiny_config(data_dir, out), TINY, resume=other.checkpoint)
     with pytest.raises(CheckpointError, match=r"n_layer: checkpoint 1, this run 2"):
-        train.train(tiny_config(data_dir, out), TINY_GPT2.replace(n_layer=2), resume=other.checkpoint)
+        train(tiny_config(data_dir, out), TINY_GPT2.replace(n_layer=2), resume=other.checkpoint)
     capsys.readouterr()
     code = cli.main(["train", "--preset", "tiny", "--data-dir", str(data_dir), "--out-dir", str(out),
                      "--resume", str(other.checkpoint)])
@@ -364,10 +375,10 @@ def test_resume_from_another_architecture_names_the_mismatch_and_writes_nothing(
     hf = tmp_path / "hf"
     save_hf_folder(GPT(TINY.replace(vocab_size=64)), hf)
     with pytest.raises(CheckpointError, match="neither a training checkpoint"):
-        train.train(tiny_config(data_dir, out), TINY, resume=hf)
+        train(tiny_config(data_dir, out), TINY, resume=hf)
     # a new run into a folder that holds one
     with pytest.raises(ValueError, match="already holds a training run"):
-        train.train(tiny_config(data_dir, tmp_path / "other"), TINY_GPT2)
+        train(tiny_config(data_dir, tmp_path / "other"), TINY_GPT2)
     assert not out.exists()
     assert tree(tmp_path / "other") == before
 
@@ -375,14 +386,14 @@ def test_resume_from_another_architecture_names_the_mismatch_and_writes_nothing(
 def test_flags_override_the_preset_and_bad_values_are_refused(data_dir, tmp_path):
     args = cli.build_parser().parse_args(["train", "--preset", "demo", "--lr", "3e-4", "--n-layer", "3",
                                           "--no-compile", "--n-head", "8", "--seq-len", "512"])
-    model_config, config = train.configs_from_args(args)
-    assert config.lr == 3e-4 and config.compile is False and config.batch_size == train.TRAIN_PRESETS["demo"].batch_size
+    model_config, config = configs_from_args(args)
+    assert config.lr == 3e-4 and config.compile is False and config.batch_size == TRAIN_PRESETS["demo"].batch_size
     assert model_config.n_layer == 3 and model_config.n_head == 8 and model_config.n_kv_head == 8
     assert model_config.head_dim == model_config.n_embd // 8 and model_config.max_seq_len == 512
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--optimizer", "sgd"])
     with pytest.raises(ValueError, match="cannot be saved as a Hugging Face llama folder"):
-        train.train(tiny_config(data_dir, tmp_path / "x"), TINY.replace(norm="layernorm"))
+        train(tiny_config(data_dir, tmp_path / "x"), TINY.replace(norm="layernorm"))
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        train.train(tiny_config(data_dir, tmp_path / "x", seq_len=128), TINY)
+        train(tiny_config(data_dir, tmp_path / "x", seq_len=128), TINY)
     assert not (tmp_path / "x").exists()

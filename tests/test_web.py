@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from picochat.config import ModelConfig
-from picochat.engine import Engine
-from picochat.model import GPT, KVCache
-from picochat.tokenizer import Tokenizer
+from picochat.model.config import ModelConfig
+from picochat.engine.engine import Engine
+from picochat.model.gpt import GPT, KVCache
+from picochat.tokenizer.bpe import Tokenizer
 
 from helpers import LiveServer
 
@@ -371,7 +371,7 @@ def test_phone_and_desktop_layouts(open_page, scripted, tmp_path):
 
 def test_knowledge_base_switch_citation_links_and_decline(browser, open_page, tokenizer):
     from helpers import FakeEncoder, FakeKB
-    from picochat.server import Knowledge
+    from picochat.serve.app import Knowledge
     kb = FakeKB()
     knowledge = Knowledge(["shop"], open_kb=lambda name, encoder: kb, load_encoder=FakeEncoder)
     with LiveServer(lambda: scripted_engine(tokenizer), "scripted", knowledge=knowledge) as server:

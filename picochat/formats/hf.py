@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
-from .atomic import atomic_write
+from ..atomic import atomic_write
+from ..hw import check_memory
+from ..model.config import ModelConfig
 
 
 class CheckpointError(ValueError):
@@ -219,7 +220,6 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_hf_folder(folder) -> tuple[ModelConfig, dict]:
     """Read a HF model folder -> (ModelConfig, picochat state dict). Raises CheckpointError for a bad folder."""
-    from .gguf import check_memory
     folder = Path(folder)
     config = read_config(folder)
     files = weight_files(folder)

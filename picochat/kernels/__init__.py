@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..cpu import cpu_flags
+from ..hw import cpu_flags
+from ..paths import cache_dir
 
 SOURCE = Path(__file__).with_name("ops.cpp")
 HEADER = Path(__file__).with_name("qmatmul.h")  # the integer kernel's arithmetic, included by ops.cpp
@@ -57,7 +58,6 @@ def build_key() -> str:
 
 
 def library_path() -> Path:
-    from ..models import cache_dir
     return cache_dir() / "kernels" / build_key() / "picochat_kernels.so"
 
 

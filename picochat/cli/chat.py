@@ -1,0 +1,126 @@
+"""`picochat chat`: a streaming multi-turn chat in the terminal (with --kb, answered from a knowledge base)."""
+from __future__ import annotations
+
+import sys
+
+from ..apps.assistant import DEFAULT_PERSONA
+from .common import (add_kb_args, add_model_args, add_sampling_args, open_engine, open_kb, sampling_from_args,
+                     show_retrieval, stream)
+
+HELP = "chat in the terminal (streaming, multi-turn)"
+
+SAMPLING_KNOBS = {  # /set name -> (SamplingParams field, type)
+    "temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
+    "max_new_tokens": ("max_new_tokens", int), "max_tokens": ("max_new_tokens", int), "seed": ("seed", int),
+    "repetition_penalty": ("repetition_penalty", float),
+}
+
+CHAT_HELP = """commands:
+  /help                 this help
+  /clear                forget the conversation (keeps the system prompt)
+  /system TEXT          set the system prompt (and start over); '/system' alone removes it
+  /set NAME VALUE       change a sampling setting: temperature, top_k, top_p, max_new_tokens, seed,
+                        repetition_penalty (seed none = random); '/set' alone shows them
+  /exit                 leave (or Ctrl-D); Ctrl-C stops a reply"""
+
+
+def add_arguments(p):
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    add_kb_args(p, "answer from the knowledge base NAME, citing its passages (see `picochat kb`)")
+
+
+def run(args) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    from ..engine.session import ChatSession
+    kb = open_kb(args.kb) if args.kb else None
+    engine = open_engine(args)
+    params = sampling_from_args(args)
+    system = args.system
+    if kb is not None:  # the knowledge base's persona, then the user's own system prompt
+        system = "\n\n".join(p for p in (kb.setting("persona", DEFAULT_PERSONA), args.system) if p)
+    chat = ChatSession(engine, system)  # keeps the conversation's KV cache between turns
+    print("picochat — type a message, /help for commands, Ctrl-D to leave.", file=sys.stderr)
+    while True:
+        try:
+            text = input(">>> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not text:
+            continue
+        if text.startswith("/"):
+            if slash_command(chat, params, text) == "exit":
+                return 0
+        elif kb is not None:
+            grounded_turn(chat, kb, text, params, args)
+        else:
+            gen = chat.ask(text, params)
+            stream(gen, args.verbose)
+            chat.record(gen)
+
+
+def slash_command(chat, params, text: str) -> str | None:
+    """Carry out one /command of the REPL; "exit" when it asks to leave."""
+    cmd, _, rest = text.partition(" ")
+    rest = rest.strip()
+    if cmd in ("/exit", "/quit", "/bye"):
+        return "exit"
+    if cmd == "/help":
+        print(CHAT_HELP)
+    elif cmd == "/clear":
+        chat.clear()
+        print("[conversation cleared]")
+    elif cmd == "/system":
+        chat.clear(rest or None)
+        print(f"[system prompt {'set' if rest else 'removed'}; conversation cleared]")
+    elif cmd == "/set":
+        set_knob(params, rest)
+    else:
+        print(f"unknown command {cmd}; /help lists the commands")
+    return None
+
+
+def set_knob(params, rest: str):
+    """/set NAME VALUE: change one sampling setting (a value out of range leaves it as it was)."""
+    if not rest:
+        print("  " + "  ".join(f"{k}={getattr(params, k)}" for k in
+                               ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "repetition_penalty")))
+        return
+    name, _, value = rest.partition(" ")
+    if name not in SAMPLING_KNOBS or not value.strip():
+        print(f"usage: /set NAME VALUE with NAME one of {', '.join(SAMPLING_KNOBS)}")
+        return
+    field_name, kind = SAMPLING_KNOBS[name]
+    old = getattr(params, field_name)
+    try:
+        setattr(params, field_name, None if value.strip() == "none" and field_name == "seed" else kind(value.strip()))
+        params.validate()
+    except ValueError as e:
+        setattr(params, field_name, old)
+        print(f"[not changed: {e}]")
+        return
+    print(f"[{field_name} = {getattr(params, field_name)}]")
+
+
+def grounded_turn(chat, kb, text: str, params, args):
+    """One chat turn answered from a knowledge base: retrieval (shown with -v), then the reply and its
+    sources — or the hand-off when nothing relevant is found."""
+    from ..apps import assistant
+    grounding = assistant.ground(kb, text, k=args.top_k_passages, min_similarity=args.min_similarity)
+    if args.verbose:
+        show_retrieval(grounding)
+    if grounding.declined:
+        print(grounding.decline_text)
+        return
+    gen = chat.ask(grounding.prompt, params)
+    stream(gen, args.verbose)
+    print(assistant.footer_of(gen.text, grounding).strip())
+    chat.record(gen)

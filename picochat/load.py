@@ -1,0 +1,217 @@
+"""Turning a model file into a ready model: a -m argument -> (GPT, tokenizer), set up for this CPU.
+
+    load("smollm2")          a packaged GGUF: its quantized matrices stay integer codes on the compiled
+                             kernel, q/k/v and gate/up fused, the conversion cached (a second start maps it)
+    load("out/demo")         a Hugging Face folder or a training run (its newest checkpoint), float weights
+    load("out/faq")          a LoRA adapter folder: its base, with the adapter folded in
+
+Where the file comes from is hub.py; how each format is read is formats/; what runs fastest on this
+CPU (precision, integer kernel or dense products) is quant/tuning.py. This module decides, per load,
+and sets the choice on the model it returns: nothing here changes another module's state.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__, kernels
+from .atomic import atomic_write
+from .formats.bert import load_sentence_encoder
+from .formats.gguf import load_gguf
+from .formats.hf import CheckpointError, load_hf_folder
+from .formats.packed import FORMAT, assemble, fill, is_packed_folder, load_packed, save_packed, split_state_dict
+from .formats.peft import merge_into_state_dict, read_adapter
+from .hub import (DEFAULT_EMBEDDING, EMBEDDING_MODELS, ModelNotFound, embedding_name, find_embedding,
+                  resolve_with_adapter)
+from .model.config import ModelConfig
+from .model.encoder import SentenceEncoder
+from .model.gpt import GPT
+from .paths import cache_dir
+from .quant.layers import fuse_linears, use_dense_rows
+from .quant.tuning import compute_dtype, dense_rows, resolve_dtype
+from .tokenizer.bpe import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: Tokenizer
+    path: Path
+    format: str                                   # "gguf", "hf" or "packed"
+    tensor_types: dict = field(default_factory=dict)
+    generation_config: dict = field(default_factory=dict)
+    weights: str = "float"                        # "quantized" (integer codes, the kernel) or "float"
+    dtype: torch.dtype = torch.float32            # of activations and float weights
+    dtype_reason: str = ""                        # why this dtype (auto: what was measured on this CPU)
+    from_cache: bool = False                      # loaded from the converted-model cache (a second start)
+
+
+def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool = True, fuse: bool = True,
+         cache: bool = True) -> LoadedModel:
+    """Load a model and its tokenizer from a -m argument (see hub.resolve), ready to generate.
+
+    dtype: "auto" (what is fastest on this CPU, see quant.tuning.compute_dtype), "float32", "bfloat16" or a
+    torch.dtype: the dtype of float weights and activations. A quantized model keeps float32 activations
+    under "auto" (its kernel multiplies 8-bit activations by integer weights either way).
+    quantized: a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K/Q5_x matrices stay integer codes (quant/) where the
+    compiled kernel is available; False expands them to float. fuse: q/k/v and gate/up become one matrix
+    each (for generation; pass fuse=False, quantized=False to train, merge or save the model).
+    cache: a converted GGUF is kept in picochat's cache as a packed folder, so the next start maps it.
+
+    adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to fold
+    into the base model's weights (the base then loads as float). A -m pointing at an adapter folder (or
+    none, with an adapter) loads the base the adapter names (base_model_name_or_path: a path, relative to
+    the adapter folder or not, or a packaged name).
+    """
+    path, adapter = resolve_with_adapter(model, adapter)
+    has_codes = path.is_file() or is_packed_folder(path)  # only GGUF files and packed folders hold integer codes
+    keep_quantized = quantized and adapter is None and has_codes and kernels.available()
+    act, why = _activation_dtype(dtype, keep_quantized)
+    if is_packed_folder(path):
+        loaded = _load_packed_folder(path, adapter, act, why)
+    else:
+        cached = _load_cached(path, fuse, act, why) if keep_quantized and cache and path.is_file() else None
+        loaded = cached or _convert(path, adapter, keep_quantized, act, why, fuse, cache)
+    return _set_up_for_this_cpu(loaded, fuse)
+
+
+def _activation_dtype(dtype, keep_quantized: bool) -> tuple[torch.dtype, str]:
+    if dtype not in (None, "auto"):
+        return resolve_dtype(dtype), "given"
+    if keep_quantized:
+        return torch.float32, "quantized weights: float32 activations into the integer kernel"
+    return compute_dtype()
+
+
+def _set_up_for_this_cpu(loaded: LoadedModel, fuse: bool) -> LoadedModel:
+    """The per-CPU choices, set on this model: generation's RMSNorm, RoPE and attention on the compiled kernels
+    (for float weights too), and from how many rows a quantized product expands its weights (tuning)."""
+    if (fuse or loaded.weights == "quantized") and kernels.available():
+        loaded.model.use_cpu_kernels()
+    if loaded.weights == "quantized":
+        use_dense_rows(loaded.model, *dense_rows())
+    return loaded
+
+
+def _load_packed_folder(path: Path, adapter, act, why) -> LoadedModel:
+    if adapter is not None:
+        raise ModelNotFound(f"{path} is a packed (quantized) model; apply a LoRA adapter to its float base")
+    if not kernels.available():
+        raise RuntimeError(f"{path} is a packed (quantized) model, which needs picochat's compiled kernel: "
+                           f"{kernels.status().get('error', '')}")
+    net, tokenizer, gen, qc = load_packed(path, act)
+    return LoadedModel(net, tokenizer, path, "packed", qc.get("tensor_types", {}), gen, "quantized", act, why)
+
+
+def _load_cached(path: Path, fuse: bool, act, why) -> LoadedModel | None:
+    """A GGUF file's packed conversion from the cache (None when there is none)."""
+    cached = _cached_conversion(path, fuse)
+    if cached is None or not cached.is_dir():
+        return None
+    try:
+        net, tokenizer, gen, qc = load_packed(cached, act)
+    except (CheckpointError, ValueError, OSError):
+        shutil.rmtree(cached, ignore_errors=True)  # a stale or damaged entry: convert again
+        return None
+    return LoadedModel(net, tokenizer, path, "gguf", qc.get("tensor_types", {}), gen, "quantized", act, why,
+                       from_cache=True)
+
+
+def _convert(path: Path, adapter, keep_quantized: bool, act, why, fuse: bool, cache: bool) -> LoadedModel:
+    """Read a Hugging Face folder or a GGUF file (folding in an adapter), build the model, cache a conversion."""
+    if path.is_dir():
+        config, sd = load_hf_folder(path)
+        tokenizer = Tokenizer.from_file(path)
+        gen_path = path / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        fmt, types = "hf", {str(act).removeprefix("torch."): len(sd)}
+    else:
+        gg = load_gguf(path, keep_quantized=keep_quantized)
+        tokenizer = Tokenizer.from_gguf_metadata(gg.metadata)
+        config, sd, fmt, types, gen = gg.config, gg.state_dict, "gguf", dict(gg.tensor_types), {}
+    if adapter is not None:
+        lora_config, tensors, _ = read_adapter(adapter, config)
+        sd = merge_into_state_dict(sd, lora_config, tensors)
+    tensors, specs = split_state_dict(sd, config)
+    net = assemble(config, tensors, specs, act, str(path)) if specs else build_model(config, sd, act, str(path))
+    if fuse:
+        fuse_projections(net)
+    if specs and fuse and cache and path.is_file():
+        try:
+            save_packed(net, tokenizer, _cached_conversion(path, fuse, create=True), gen, {"tensor_types": types})
+        except OSError:
+            pass  # a read-only cache: convert again next time
+    return LoadedModel(net, tokenizer, path, fmt, types, gen, "quantized" if specs else "float", act, why)
+
+
+def build_model(config: ModelConfig, state_dict: dict, dtype=torch.float32, source="") -> GPT:
+    """A GPT holding exactly `state_dict`, without spending time on random initialisation."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return fill(model, state_dict, dtype, source)
+
+
+def fuse_projections(model: GPT) -> GPT:
+    """For inference: q/k/v become one matrix and gate/up another (fewer, larger matrix products).
+
+    Only where the parts share a format (a Q4_K_M file may keep attn_v in Q6_K beside Q4_K q and k).
+    A fused model is for generation only: training, LoRA and saving Hugging Face folders want it unfused.
+    """
+    for block in model.layers:
+        a, m = block.attn, block.mlp
+        if a.qkv_proj is None and (fused := fuse_linears([a.q_proj, a.k_proj, a.v_proj])) is not None:
+            a.qkv_proj = fused
+            del a.q_proj, a.k_proj, a.v_proj
+        if m.swiglu and m.gate_up_proj is None and (fused := fuse_linears([m.gate_proj, m.up_proj])) is not None:
+            m.gate_up_proj = fused
+            del m.gate_proj, m.up_proj
+    return model
+
+
+def _cached_conversion(path: Path, fuse: bool, create: bool = False) -> Path | None:
+    """The cache folder for a GGUF file's packed conversion: named by the file's SHA-256 and picochat's version.
+
+    The hash of a file is computed once and remembered by (path, size, modification time), so a second
+    start does not read the whole file to find its conversion."""
+    st = path.stat()
+    index_path = cache_dir() / "packed" / "index.json"
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    digest = index.get(ident)
+    if digest is None:
+        if not create:
+            return None
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        digest = h.hexdigest()[:24]
+        index[ident] = digest
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(index_path, lambda p: Path(p).write_text(json.dumps(index, indent=1)))
+    return cache_dir() / "packed" / f"{digest}-{FORMAT}-v{__version__}{'' if fuse else '-unfused'}"
+
+
+# ----------------------------------------------------------------------------- the sentence encoder
+def load_encoder(path: str | None = None) -> SentenceEncoder:
+    """Load a sentence encoder from a Hugging Face BERT folder; None → the default embedding model.
+
+    Raises hub.ModelNotFound (a FileNotFoundError) when there is no model, saying to run
+    `picochat pull minilm`, and formats.bert.EncoderFormatError (a ValueError) for a folder that is not
+    a BERT model."""
+    if path is None or (str(path) in EMBEDDING_MODELS and not Path(path).exists()):  # a name: minilm
+        folder = find_embedding(DEFAULT_EMBEDDING if path is None else str(path))
+    else:
+        folder = Path(path).expanduser()
+        if not folder.exists():
+            raise ModelNotFound(f"no embedding model at {folder}: give a Hugging Face BERT folder, or run "
+                                f"`picochat pull {DEFAULT_EMBEDDING}` for the default one")
+    return load_sentence_encoder(folder, embedding_name(folder))
