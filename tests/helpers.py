@@ -30,12 +30,16 @@ def tiny_engine(text: str, vocab_size: int = 320, max_seq_len: int = 256) -> Eng
     return Engine(GPT(config), tok)
 
 
-def sampler_failing_on_seed(sample_rows, seed: int = 666):
-    """engine.sampling.sample_rows, except that it raises for any batch holding a request with this seed."""
+def sampler_failing_on_seed(sample_rows, seed: int = 666, after: int = 0):
+    """engine.sampling.sample_rows, except that it raises for any batch holding a request with this seed, once
+    `after` such batches have been sampled (0: at its first token, in the prefill; 1: at its next, decoding)."""
+    calls = [0]
 
     def faulty(logits, params, generators, seen=None):
         if any(p.seed == seed for p in params):
-            raise FloatingPointError("injected sampler fault")
+            calls[0] += 1
+            if calls[0] > after:
+                raise FloatingPointError("injected sampler fault")
         return sample_rows(logits, params, generators, seen)
     return faulty
 

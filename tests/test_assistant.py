@@ -6,6 +6,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from helpers import FakeEncoder, FakeHit, FakeKB, LiveServer, tiny_engine
 from picochat.apps import assistant
@@ -123,6 +124,21 @@ def test_server_declines_without_generating_when_nothing_is_relevant(live):
     assert events[1]["choices"][0]["delta"]["content"] == live.kb.settings["handoff"]
     assert events[2]["choices"][0]["finish_reason"] == "stop" and events[3]["usage"]["total_tokens"] == 0
     assert live.state.completion_tokens == before   # the model was never asked
+
+
+def test_grounded_and_declined_replies_are_openai_chat_objects_plus_retrieval(live):
+    """A decline is written by the same builders as a reply: the client's types validate both, and the only
+    fields they do not know are picochat's `retrieval` (and `timings` on a generated reply)."""
+    for question, extra in [("Can I return a tent?", {"retrieval", "timings"}),
+                            ("Who won the world cup?", {"retrieval"})]:
+        messages = [{"role": "user", "content": question}]
+        parsed = ChatCompletion.model_validate(live.chat(messages, max_tokens=4, temperature=0))
+        assert set(parsed.model_extra) == extra and parsed.choices[0].message.role == "assistant"
+        events = stream_events(live, {"messages": messages, "max_tokens": 4, "temperature": 0,
+                                      "stream_options": {"include_usage": True}})
+        chunks = [ChatCompletionChunk.model_validate(e) for e in events]
+        assert [set(c.model_extra) for c in chunks] == [{"retrieval"}] + [set()] * (len(chunks) - 1)
+        assert len({c.id for c in chunks}) == 1 and chunks[-1].choices == [] and chunks[-1].usage is not None
 
 
 def test_a_request_can_turn_the_knowledge_base_off_or_pick_one(live):

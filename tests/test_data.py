@@ -14,7 +14,7 @@ import tokenizers
 
 from picochat import cli
 from picochat.cli.common import count
-from picochat.data.prepare import PrepareConfig, prepare, token_dtype
+from picochat.data.prepare import MAX_TOP_UP_SHARE, PrepareConfig, prepare, split_hash, token_dtype
 from picochat.data.sources import SourceStats, iter_documents, sharegpt_records
 from picochat.data.tokens import DataError, TokenStream, read_meta
 from picochat.tokenizer.bpe import Tokenizer
@@ -42,6 +42,7 @@ def write_docs(folder: Path, docs=DOCS) -> list[Path]:
 def config(sources, out, **kw) -> PrepareConfig:
     kw.setdefault("vocab_size", 400)
     kw.setdefault("workers", 1)
+    kw.setdefault("min_val_tokens", 0)  # the hashed split as it is: the top-up has tests of its own
     return PrepareConfig(sources=[str(s) for s in sources], out=out, **kw)
 
 
@@ -177,6 +178,83 @@ def test_token_stream_reads_batches_from_a_prepared_folder(tmp_path):
     assert x[1].tolist() == ids[16 * w:16 * w + 16].tolist() and y[1].tolist() == ids[16 * w + 1:16 * w + 17].tolist()
     # one epoch visits every window exactly once
     assert sorted(stream.window(g) for g in range(stream.n_windows)) == list(range(stream.n_windows))
+
+
+# ----------------------------------------------------------------------------- validation's top-up
+
+
+def in_hash_order(docs: list[str]) -> list[str]:
+    return sorted(dict.fromkeys(docs), key=split_hash)
+
+
+def test_a_short_validation_split_takes_the_next_documents_in_hash_order_whole(tmp_path):
+    # val_fraction 0: the hashed split gives validation the lowest-hash document alone; the second lowest
+    # appears twice (exact duplicates must stay together, on one side)
+    first, second, third = in_hash_order(DOCS)[:3]
+    docs = DOCS + [second]
+    write_docs(tmp_path / "corpus", docs)
+    hashed = prepare(config([tmp_path / "corpus"], tmp_path / "hashed", val_fraction=0))
+    tok = Tokenizer.from_file(tmp_path / "hashed" / "tokenizer")
+    tokens = {d: len(tok.encode_text(d)) + 1 for d in (first, second, third)}  # + its boundary token
+    assert hashed["splits"]["val"]["tokens"] == tokens[first]
+    # one copy of `second` would be enough: both move, and then no more is needed
+    meta = prepare(config([tmp_path / "corpus"], tmp_path / "out", val_fraction=0,
+                          min_val_tokens=tokens[first] + tokens[second]))
+    val = [tok.decode(d) for d in split_documents(tmp_path / "out", "val")]
+    assert val == [d for d in docs if d in (first, second)]  # in input order
+    assert meta["splits"]["val"]["tokens"] == tokens[first] + 2 * tokens[second]
+    corpus_tokens = hashed["splits"]["train"]["tokens"] + hashed["splits"]["val"]["tokens"]
+    assert meta["val_top_up"] == {"min_val_tokens": tokens[first] + tokens[second], "max_share": MAX_TOP_UP_SHARE,
+                                  "cap_tokens": int(MAX_TOP_UP_SHARE * corpus_tokens),
+                                  "hashed_val_tokens": tokens[first], "moved_documents": 2,
+                                  "moved_tokens": 2 * tokens[second], "cut_document": None}
+    train = [tok.decode(d) for d in split_documents(tmp_path / "out", "train")]
+    assert sorted(train + val) == sorted(docs)
+    # one token more: the third document too
+    meta = prepare(config([tmp_path / "corpus"], tmp_path / "more", val_fraction=0,
+                          min_val_tokens=tokens[first] + 2 * tokens[second] + 1))
+    assert meta["val_top_up"]["moved_documents"] == 3 and meta["val_top_up"]["cut_document"] is None
+    assert meta["splits"]["val"]["tokens"] == sum(tokens.values()) + tokens[second]
+
+
+def test_the_top_up_is_capped_and_cuts_the_document_that_would_pass_the_cap(tmp_path, capsys):
+    write_docs(tmp_path / "corpus")
+    outputs = []
+    for workers in (1, 2, 2):
+        out = tmp_path / f"out{len(outputs)}"
+        meta = prepare(config([tmp_path / "corpus"], out, val_fraction=0, min_val_tokens=10**6, workers=workers))
+        outputs.append({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert outputs[0] == outputs[1] == outputs[2]  # the same bytes, whatever the number of workers
+    top_up, splits = meta["val_top_up"], meta["splits"]
+    total = splits["train"]["tokens"] + splits["val"]["tokens"] - 1  # the cut added one boundary token
+    assert top_up["cap_tokens"] == int(MAX_TOP_UP_SHARE * total) == splits["val"]["tokens"]
+    cut = top_up["cut_document"]
+    assert cut["source"] == str(tmp_path / "corpus") and cut["tokens_moved"] >= 1 and cut["tokens_kept"] >= 2
+    # no token is in both splits: the documents of the two are the corpus's, one of them in two pieces
+    tok = Tokenizer.from_file(tmp_path / "out0" / "tokenizer")
+    train, val = split_documents(tmp_path / "out0", "train"), split_documents(tmp_path / "out0", "val")
+    assert splits["train"]["documents"] + splits["val"]["documents"] == len(DOCS) + 1
+    [(h, t)] = [(h, t) for h in range(len(train)) for t in range(len(val))
+                if tok.decode(train[h] + val[t]) == DOCS[cut["document"]]]
+    assert (len(train[h]), len(val[t])) == (cut["tokens_kept"] - 1, cut["tokens_moved"])  # (less the boundary)
+    whole = [tok.decode(d) for d in train[:h] + train[h + 1:] + val[:t] + val[t + 1:]]
+    assert sorted(whole) == sorted(DOCS[:cut["document"]] + DOCS[cut["document"] + 1:])
+    # the command says what it did, and that the cap left validation short of the minimum
+    assert cli.main(["data", "prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "cli"), "--vocab-size",
+                     "400", "--val-fraction", "0", "--min-val-tokens", "1M", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert f"val topped up from {top_up['hashed_val_tokens']} to {top_up['cap_tokens']} tokens" in printed
+    assert f"the last {cut['tokens_moved']} tokens of document {cut['document']}" in printed
+    assert "fewer tokens than --min-val-tokens 1,000,000: a top-up takes at most 10% of the corpus" in printed
+    assert read_meta(tmp_path / "cli")["splits"] == splits
+
+
+def test_min_val_tokens_zero_keeps_the_hashed_split(tmp_path):
+    write_docs(tmp_path / "corpus")
+    meta = prepare(config([tmp_path / "corpus"], tmp_path / "zero", val_fraction=0, min_val_tokens=0))
+    assert meta["splits"]["val"]["documents"] == 1 and meta["val_top_up"]["moved_documents"] == 0
+    assert meta["settings"]["min_val_tokens"] == 0 and PrepareConfig([], "x").min_val_tokens == 16 * 512 + 1
+    bad(tmp_path, [tmp_path / "corpus"], r"min_val_tokens must not be negative, got -1", min_val_tokens=-1)
 
 
 # ----------------------------------------------------------------------------- named sources

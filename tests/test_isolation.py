@@ -112,10 +112,11 @@ def test_a_model_fault_ends_only_its_request(engine, stage, nan):
     assert again.ends == 1 and request.gen.token_ids == engine.complete(healthy[0], greedy()).token_ids
 
 
-def test_a_sampler_fault_ends_only_its_request(engine, monkeypatch):
+@pytest.mark.parametrize("stage", ["prefill", "decode"])
+def test_a_sampler_fault_ends_only_its_request(engine, monkeypatch, stage):
     from picochat.engine import sampling as engine_module
     real = engine_module.sample_rows
-    faulty = sampler_failing_on_seed(real, 666)
+    faulty = sampler_failing_on_seed(real, 666, after={"prefill": 0, "decode": 1}[stage])
     monkeypatch.setattr(engine_module, "sample_rows", faulty)
     healthy, poisoned = prompts(engine)
     batcher = Batcher(engine, max_batch=4, start=False)

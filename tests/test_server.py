@@ -5,12 +5,17 @@ import time
 
 import httpx
 import openai
+import pydantic
 import pytest
 import torch
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.shared import ErrorObject
 
 from picochat.engine.engine import Engine
 from picochat.engine.sampling import SamplingParams
 from picochat.load import load
+from picochat.serve import protocol
 
 from helpers import LiveServer, tiny_engine
 
@@ -133,6 +138,74 @@ def test_echo_logprobs_score_the_prompt(client, engine):
     for i in range(1, len(ids)):
         assert lp.token_logprobs[i] == pytest.approx(float(logp[i - 1, ids[i]]), abs=1e-4)
     assert lp.text_offset[0] == 0
+
+
+# ----------------------------------------------------------------------------- the response types
+def sse_bodies(server, path, body) -> list[dict]:
+    with httpx.stream("POST", server.url + path, json=body, timeout=60) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def unknown_fields(parsed: pydantic.BaseModel, path: str = "") -> list[str]:
+    """The keys of an object parsed by one of the openai client's types, at any depth, that the type lacks."""
+    found = [f"{path}{key}" for key in parsed.model_extra or {}]
+    for name in type(parsed).model_fields:
+        value = getattr(parsed, name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, pydantic.BaseModel):
+                found += unknown_fields(item, f"{path}{name}.")
+    return found
+
+
+def test_every_body_validates_as_the_openai_clients_types(server):
+    """Stricter than the client, which builds its objects without checking them: every field its types
+    require is there with its type, and no field they lack is sent but picochat's `timings`."""
+    chat = {"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 4, "logprobs": True,
+            "top_logprobs": 2}
+    parsed = ChatCompletion.model_validate(server.post("/v1/chat/completions", chat).json())
+    assert unknown_fields(parsed) == ["timings"] and len(parsed.choices[0].logprobs.content) == 4
+    chunks = sse_bodies(server, "/v1/chat/completions",
+                        {**chat, "stream": True, "stream_options": {"include_usage": True}})
+    assert [unknown_fields(ChatCompletionChunk.model_validate(c)) for c in chunks] == [[]] * len(chunks)
+    prompt = {"model": "tiny", "prompt": "How are you", "temperature": 0, "max_tokens": 3}
+    parsed = Completion.model_validate(server.post("/v1/completions", {**prompt, "logprobs": 2}).json())
+    assert unknown_fields(parsed) == [] and len(parsed.choices[0].logprobs.tokens) == 3
+    chunks = sse_bodies(server, "/v1/completions", {**prompt, "stream": True, "stream_options": {"include_usage": True}})
+    # OpenAI streams text_completion chunks with "finish_reason": null, which the client's type refuses
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
+    assert [unknown_fields(Completion.model_validate(c)) for c in chunks[-2:]] == [[], []]
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["object"] == "list" and unknown_fields(Model.model_validate(models["data"][0])) == []
+    error = server.post("/v1/chat/completions", {**chat, "model": "gpt-9"}).json()
+    assert unknown_fields(ErrorObject.model_validate(error["error"])) == []
+
+
+def test_nulls_are_sent_as_openai_sends_them(server):
+    """What is null is sent as null (a choice's logprobs, a chunk's finish_reason); what OpenAI leaves out
+    is left out (a chunk's usage, the last chunk's delta)."""
+    chat = {"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 3}
+    body = server.post("/v1/chat/completions", chat).json()
+    assert body["choices"][0]["logprobs"] is None and "retrieval" not in body
+    first, second, *_, last = sse_bodies(server, "/v1/chat/completions", {**chat, "stream": True})
+    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}]
+    assert second["choices"][0]["finish_reason"] is None and set(second["choices"][0]["delta"]) == {"content"}
+    assert last["choices"][0]["delta"] == {} and "usage" not in last and "retrieval" not in first
+    body = server.post("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2}).json()
+    assert body["choices"][0]["logprobs"] is None and set(body["usage"]) == {
+        "prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+
+
+def test_response_models_refuse_what_openai_would_not_send():
+    usage = protocol.Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+    reply = {"id": "chatcmpl-1", "created": 0, "model": "tiny", "usage": usage}
+    with pytest.raises(pydantic.ValidationError, match="finish_reason"):   # an engine error is an error body
+        protocol.ChatCompletion(**reply, choices=[protocol.ChatChoice(
+            message=protocol.ChatMessage(content="x"), finish_reason="error: boom")])
+    with pytest.raises(pydantic.ValidationError, match="finish"):          # a misspelt field fails where it is built
+        protocol.ChunkChoice(delta=protocol.ChatDelta(), finish="stop")
 
 
 # ----------------------------------------------------------------------------- bad requests

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from picochat.tokenizer.bpe import (DEFAULT_CHAT_TEMPLATE, DEFAULT_SPECIAL_TOKENS, StreamDecoder, Tokenizer,
-                                bytes_to_unicode)
+from picochat.tokenizer.bpe import DEFAULT_CHAT_TEMPLATE, DEFAULT_SPECIAL_TOKENS, StreamDecoder, Tokenizer
+from picochat.tokenizer.pretokenize import bytes_to_unicode
 
 
 ENGLISH = "The quick brown fox jumps over the lazy dog. It's 3.14159, isn't it?"

@@ -5,19 +5,21 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from picochat import cli
 from picochat.model.config import PRESETS, ModelConfig
-from picochat.data.prepare import PrepareConfig, prepare
-from picochat.data.tokens import DataError
+from picochat.data.prepare import PrepareConfig, prepare, split_hash
+from picochat.data.tokens import DataError, DataWarning, read_meta
 from picochat.formats.hf import CheckpointError, save_hf_folder
 from picochat.model.gpt import GPT
 from picochat.train.config import TrainConfig
@@ -27,6 +29,7 @@ from picochat.train.config import TRAIN_PRESETS
 from picochat.train.dist import DistInfo
 from picochat.train.loop import accumulate_gradients
 from picochat.train.loop import train
+from picochat.tokenizer.bpe import Tokenizer
 from picochat.train.metrics import read_metrics
 from picochat.train.optim import lr_schedule
 from picochat.train.optim import make_optimizers
@@ -39,15 +42,20 @@ TINY_GPT2 = ModelConfig(architecture="gpt2", n_layer=1, n_head=4, n_kv_head=4, n
                         out_bias=True, mlp_bias=True)
 
 
-def corpus(n_docs: int, seed: int = 0) -> list[str]:
-    """Short English-like documents from a small grammar: easy to learn, so the loss falls fast."""
-    rng = random.Random(seed)
+def sentences(rng: random.Random, n: int) -> str:
+    """n English-like sentences from a small grammar: easy to learn, so the loss falls fast."""
     subjects = ["the cat", "a dog", "my friend", "the teacher", "our team", "the robot", "a little bird"]
     verbs = ["likes", "sees", "finds", "wants", "builds", "reads", "carries", "paints"]
     objects = ["a red ball", "the green house", "some fresh bread", "a long story", "the blue sky"]
     ends = [".", "!", "?", ". Then it rains.", ", and everyone smiles."]
-    return [" ".join(f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)}"
-                     f"{rng.choice(ends)}" for _ in range(rng.randint(3, 8))) for _ in range(n_docs)]
+    return " ".join(f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)}{rng.choice(ends)}"
+                    for _ in range(n))
+
+
+def corpus(n_docs: int, seed: int = 0) -> list[str]:
+    """Short documents of a few sentences each."""
+    rng = random.Random(seed)
+    return [sentences(rng, rng.randint(3, 8)) for _ in range(n_docs)]
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +162,94 @@ def test_resume_from_the_command_line_takes_the_checkpoints_configuration(data_d
     assert captured.out.strip() == str(out / "step_000006")
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
     assert json.loads((out / "step_000006" / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+# ----------------------------------------------------------------------------- small validation splits
+def reported_corpus() -> list[str]:
+    """The issue's corpus in miniature: ten files, nine of ~50,000 characters and one of three sentences
+    whose hash is the lowest, so that the hashed split gives validation that short document alone."""
+    rng = random.Random(1)
+    long_docs = [sentences(rng, 1200) for _ in range(9)]
+    short = min((sentences(rng, 3) for _ in range(40)), key=split_hash)
+    assert split_hash(short) < min(map(split_hash, long_docs))
+    return long_docs[:4] + [short] + long_docs[4:]
+
+
+def split_ids(data_dir: Path, split: str) -> list[list[int]]:
+    """The split's documents as token ids, each without its leading boundary token."""
+    meta = read_meta(data_dir)
+    ids = np.concatenate([np.fromfile(data_dir / n, dtype=meta["dtype"]) for n in meta["splits"][split]["shards"]])
+    starts = np.flatnonzero(ids == meta["boundary_token_id"]).tolist()
+    assert starts[0] == 0
+    return [ids[a + 1:b].tolist() for a, b in zip(starts, starts[1:] + [len(ids)])]
+
+
+def test_a_corpus_whose_hashed_validation_is_one_short_document_trains_with_the_demo_batch(tmp_path, capsys):
+    """The issue: validation of one short document, too few tokens for one batch of `--preset demo`
+    (16 × 256), made `picochat train` refuse to start."""
+    docs = reported_corpus()
+    for i, doc in enumerate(docs):
+        (tmp_path / "corpus").mkdir(exist_ok=True)
+        (tmp_path / "corpus" / f"page_{i}.txt").write_text(doc)
+    for name, workers in (("data", "1"), ("again", "1"), ("workers", "2")):
+        assert cli.main(["data", "prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / name), "--vocab-size",
+                         "400", "--workers", workers, "-q"]) == 0
+    data = tmp_path / "data"
+    assert tree(data) == tree(tmp_path / "again") == tree(tmp_path / "workers")  # deterministic, any workers
+    # `picochat train --preset demo` (its batch, with a tiny model) starts and validates
+    code = cli.main(["train", "--preset", "demo", "--data-dir", str(data), "--out-dir", str(tmp_path / "run"),
+                     "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--intermediate-size", "64", "--max-steps",
+                     "2", "--no-compile", "--dtype", "float32", "--sample-tokens", "0", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "step 0: val loss" in captured.err and "step 2: val loss" in captured.err
+    assert "warning" not in captured.err.lower()  # whole batches: nothing to warn about
+    assert "val topped up from" in captured.out
+    meta = read_meta(data)
+    tok = Tokenizer.from_file(data / "tokenizer")
+    assert meta["val_top_up"]["hashed_val_tokens"] == len(tok.encode_text(docs[4])) + 1 < 100  # the short one
+    assert meta["splits"]["val"]["tokens"] >= PrepareConfig([], "").min_val_tokens == 16 * 512 + 1
+    # no token is in both splits: the short document in validation, and one long one cut in two
+    train, val = split_ids(data, "train"), split_ids(data, "val")
+    cut = meta["val_top_up"]["cut_document"]
+    assert len(val) == 2 and docs[4] in [tok.decode(d) for d in val]
+    [(h, t)] = [(h, t) for h in range(len(train)) for t in range(len(val))
+                if tok.decode(train[h] + val[t]) == docs[cut["document"]]]
+    assert sorted(tok.decode(d) for d in train[:h] + train[h + 1:]) == sorted(
+        d for i, d in enumerate(docs) if i not in (4, cut["document"]))
+    assert sum(map(len, train + val)) == sum(len(tok.encode_text(d)) for d in docs)
+
+
+def shrink_validation(data_dir: Path, out: Path, tokens: int) -> Path:
+    """A copy of a prepared dataset as one prepared before the top-up wrote it, with `tokens` validation tokens."""
+    shutil.copytree(data_dir, out)
+    meta = json.loads((out / "meta.json").read_text())
+    meta.pop("val_top_up", None)
+    meta["settings"].pop("min_val_tokens", None)
+    val = meta["splits"]["val"]
+    ids = np.concatenate([np.fromfile(out / n, dtype=meta["dtype"]) for n in val["shards"]])[:tokens]
+    for name in val["shards"]:
+        (out / name).unlink()
+    ids.tofile(out / "val_000.bin")
+    val.update(shards=["val_000.bin"], tokens=tokens, documents=int((ids == meta["boundary_token_id"]).sum()))
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+@pytest.mark.parametrize("tokens, says", [(80, "validating on batches of 2 × 32 tokens"),
+                                          (20, "validating on batches of 1 × 19 tokens"),
+                                          (1, "training without validation")])
+def test_an_old_dataset_with_a_tiny_validation_split_still_trains(data_dir, tmp_path, tokens, says):
+    small = shrink_validation(data_dir, tmp_path / "data", tokens)
+    with pytest.warns(DataWarning, match=f"the validation split has {tokens} tokens, fewer than one batch "
+                                         rf"\(1 × 8 × 32 \+ 1\): {says}"):
+        result = train(tiny_config(small, tmp_path / "run", max_steps=2, eval_interval=1, sample_interval=0), TINY)
+    val = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    if tokens > 1:
+        assert val == [0, 1, 2] and math.isfinite(result.val_loss)
+    else:
+        assert val == [] and result.val_loss is None
 
 
 # ----------------------------------------------------------------------------- checkpoints load elsewhere

@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
-    """picochat's own warnings (resuming from another checkpoint than `latest`) as one plain line."""
-    from ..formats.runs import CheckpointWarning
-    if issubclass(category, CheckpointWarning):
+    """picochat's own warnings (resuming from another checkpoint than `latest`, validating on less data than
+    asked) as one plain line; others as Python shows them."""
+    if category.__module__.startswith("picochat."):
         print(f"picochat: warning: {message}", file=file or sys.stderr)
     else:
         _default(message, category, filename, lineno, file, line)

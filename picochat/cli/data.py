@@ -24,6 +24,10 @@ def add_arguments(data):
                        help="use this tokenizer: a folder with tokenizer.json, the file, a model or dataset folder")
     p.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
                    help="share of documents for validation, by a hash of their text (default 0.005, at least 1)")
+    p.add_argument("--min-val-tokens", type=count, default=16 * 512 + 1, metavar="N",
+                   help="give validation at least N tokens, moving documents from training (or the end of one) when "
+                        "the hashed split gives fewer; at most 10%% of the corpus (default 8193: one 16 × 512 "
+                        "evaluation batch; 0: never)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="tokenizing processes (default: all cores)")
     p.add_argument("--shard-tokens", type=count, default=100_000_000, metavar="N",
                    help="tokens per shard file (default 100M)")
@@ -43,9 +47,9 @@ def run(args) -> int:
     t0 = time.perf_counter()
     meta = prepare(PrepareConfig(
         sources=args.sources, out=args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-        val_fraction=args.val_fraction, workers=args.workers, shard_tokens=args.shard_tokens,
-        max_chars=args.max_chars, max_documents=args.max_documents, min_chars=args.min_chars,
-        jsonl_field=args.jsonl_field, force=args.force), progress=not args.quiet)
+        val_fraction=args.val_fraction, min_val_tokens=args.min_val_tokens, workers=args.workers,
+        shard_tokens=args.shard_tokens, max_chars=args.max_chars, max_documents=args.max_documents,
+        min_chars=args.min_chars, jsonl_field=args.jsonl_field, force=args.force), progress=not args.quiet)
     seconds = time.perf_counter() - t0
     splits = meta["splits"]
     text_tokens = sum(s["tokens"] - s["documents"] for s in splits.values())  # without the boundary tokens
@@ -53,6 +57,8 @@ def run(args) -> int:
           f"{meta['chars'] / max(text_tokens, 1):.2f} chars/token")
     for name, s in splits.items():
         print(f"  {name:<5} {s['documents']:>9,} documents {s['tokens']:>13,} tokens  ({len(s['shards'])} shard(s))")
+    for line in validation_lines(meta):
+        print(line)
     print(f"  tokenizer: {meta['vocab_size']:,} tokens ({meta['dtype']}), {meta['tokenizer_source']}")
     for s in meta["sources"]:
         print(source_line(s))
@@ -73,3 +79,22 @@ def source_line(s: dict) -> str:
     if s["skipped"]:
         line += "; skipped " + ", ".join(f"{n:,} {why}" for why, n in s["skipped"].items())
     return line
+
+
+def validation_lines(meta: dict) -> list[str]:
+    """What the top-up gave validation beyond its hashed split, and whether the cap left it short."""
+    top, val = meta["val_top_up"], meta["splits"]["val"]["tokens"]
+    moved = []
+    if top["moved_documents"]:
+        moved.append(f"{top['moved_documents']:,} training documents ({top['moved_tokens']:,} tokens)")
+    cut = top["cut_document"]
+    if cut:
+        moved.append(f"the last {cut['tokens_moved']:,} tokens of document {cut['document']} of {cut['source']} "
+                     f"(cut: its first {cut['tokens_kept']:,} stay in training)")
+    lines = []
+    if moved:
+        lines.append(f"  val topped up from {top['hashed_val_tokens']:,} to {val:,} tokens with " + " and ".join(moved))
+    if val < top["min_val_tokens"]:
+        lines.append(f"  val has fewer tokens than --min-val-tokens {top['min_val_tokens']:,}: a top-up takes at most "
+                     f"{top['max_share']:.0%} of the corpus ({top['cap_tokens']:,} tokens)")
+    return lines

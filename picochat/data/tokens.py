@@ -25,6 +25,19 @@ class DataError(ValueError):
     """A dataset folder or corpus that cannot be used; the message names the file and the problem."""
 
 
+class SplitTooSmall(DataError):
+    """A split with fewer windows than one step takes; `tokens` is how many tokens it has (a caller may
+    read it in smaller batches instead)."""
+
+    def __init__(self, message: str, tokens: int):
+        super().__init__(message)
+        self.tokens = tokens
+
+
+class DataWarning(UserWarning):
+    """Training goes on with less than asked of the data: validation in smaller batches, or none."""
+
+
 def _coprime_stride(n: int) -> int:
     """A large step that is coprime to n, so g -> g·stride mod n visits every window once per epoch."""
     stride = int(n * 0.6180339887) | 1  # near n/φ: neighbouring g land far apart
@@ -73,8 +86,9 @@ class TokenStream:
         self.step_windows = world_size * batch_size
         self.n_windows = (self.n_tokens - 1) // seq_len
         if self.n_windows < self.step_windows:
-            raise DataError(f"the '{split}' split of {data_dir} has {self.n_tokens:,} tokens, fewer than one step "
-                            f"needs ({world_size} × {batch_size} × {seq_len} + 1): use a smaller batch or more data")
+            raise SplitTooSmall(f"the '{split}' split of {data_dir} has {self.n_tokens:,} tokens, fewer than one "
+                                f"step needs ({world_size} × {batch_size} × {seq_len} + 1): use a smaller batch or "
+                                f"more data", self.n_tokens)
         self.stride = _coprime_stride(self.n_windows)
         self.position, self.epoch = 0, 0   # windows consumed in this epoch (all ranks together)
 

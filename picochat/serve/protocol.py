@@ -1,10 +1,17 @@
-"""The HTTP API's request bodies as typed schemas: every field's type, range and size in one place.
+"""The HTTP API's bodies as typed schemas: requests, with every field's type, range and size in one place,
+and responses, in OpenAI's shapes.
 
-The server parses a body in two steps: `parse_json` (size and nesting depth checked on the raw bytes,
+Requests. The server parses a body in two steps: `parse_json` (size and nesting depth checked on the raw bytes,
 before Python builds anything from them), then `validate` (one pydantic model per endpoint, strict: JSON
 `true` is not a number, "1" is not an integer, NaN and infinities are refused). Every rejection becomes
 `RequestError(message, param)` naming the field, which the server answers as OpenAI's error object.
 Bounds follow OpenAI's documentation where it gives one; the rest are picochat's and named here.
+
+Responses. One pydantic model per object OpenAI sends (chat.completion, chat.completion.chunk,
+text_completion, the embeddings list, the models list, the error body), field for field in OpenAI's order.
+A field is sent as null when it has no value, as OpenAI sends `"logprobs": null` and a chunk's
+`"finish_reason": null`, except where OpenAI leaves the key out (`omitted_if_none`: a chunk's `usage`).
+picochat's two extensions ride along the same way: `timings` and `retrieval`.
 """
 from __future__ import annotations
 
@@ -41,26 +48,6 @@ class RequestError(ValueError):
 
 
 # ----------------------------------------------------------------------------- raw bytes -> JSON
-class APIError(Exception):
-    """An error answered as OpenAI's {"error": {message, type, param, code}} with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    @classmethod
-    def from_request_error(cls, e: RequestError) -> "APIError":
-        return cls(e.status, e.message, e.param, e.code)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)   # a JSON string, escapes included
 
 
@@ -97,7 +84,7 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
-# ----------------------------------------------------------------------------- the schemas
+# ----------------------------------------------------------------------------- the requests
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -258,3 +245,216 @@ def _param_name(loc: tuple) -> str:
     for part in loc:
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
     return name or "body"
+
+
+# ----------------------------------------------------------------------------- the responses
+FinishReason = Literal["stop", "length"] | None   # None: a chunk before the last (or a reply whose client left)
+
+
+def omitted_if_none():
+    """A field OpenAI leaves out of the JSON when it has no value (no key at all, rather than null)."""
+    return Field(None, exclude_if=lambda value: value is None)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")   # a misspelt field fails where it is built, not in a client
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int   # prompt tokens whose keys and values were reused from the prefix cache
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = omitted_if_none()   # none for a reply the model never ran
+
+
+class Timings(_Response):
+    """picochat's extension on a non-streamed chat reply, as llama.cpp's server has one."""
+    time_to_first_token_ms: float
+    tokens_per_second: float
+
+
+class RetrievalSource(_Response):
+    index: int
+    source: str
+    section: str
+    label: str
+    similarity: float
+    text: str
+
+
+class Retrieval(_Response):
+    """picochat's extension with --kb: what the knowledge base gave the reply (OpenAI clients ignore it)."""
+    kb: str
+    query: str
+    declined: bool
+    sources: list[RetrievalSource]
+    quote: str | None
+    quote_source: int | None
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]   # the token's text as UTF-8
+
+
+class ChatTokenLogprob(_Response):
+    """One token of a chat reply, with its most likely alternatives."""
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(_Response):
+    """The legacy completions shape: parallel lists, one entry per token (None: a prompt's first token)."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class ChatMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int = 0
+    message: ChatMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Response):
+    """POST /v1/chat/completions, not streamed."""
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    timings: Timings | None = omitted_if_none()
+    retrieval: Retrieval | None = omitted_if_none()
+
+
+class ChatDelta(_Response):
+    """What a chunk adds to the reply: the role first, then text; nothing in the last chunk."""
+    role: Literal["assistant"] | None = omitted_if_none()
+    content: str | None = omitted_if_none()
+
+
+class ChunkChoice(_Response):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionChunk(_Response):
+    """One event of a streamed chat reply: choices, or (the usage chunk) no choices and the usage."""
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = omitted_if_none()
+    retrieval: Retrieval | None = omitted_if_none()   # on the first chunk
+
+
+class CompletionChoice(_Response):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason = None
+
+
+class Completion(_Response):
+    """POST /v1/completions, and each event of its stream (OpenAI's chunks are text_completion objects too)."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = omitted_if_none()   # on the response, and alone in a stream's usage chunk
+
+
+class Embedding(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str   # floats, or base64 of little-endian float32 bytes
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Response):
+    """POST /v1/embeddings."""
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "picochat"
+
+
+class ModelList(_Response):
+    """GET /v1/models."""
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class KnowledgeBase(_Response):
+    id: str
+    object: Literal["knowledge_base"] = "knowledge_base"
+
+
+class KnowledgeBaseList(_Response):
+    """GET /v1/kb: picochat's own, in the shape of the models list."""
+    object: Literal["list"] = "list"
+    data: list[KnowledgeBase]
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(_Response):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's {"error": {message, type, param, code}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    @classmethod
+    def from_request_error(cls, e: RequestError) -> "APIError":
+        return cls(e.status, e.message, e.param, e.code)
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status)

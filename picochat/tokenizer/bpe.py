@@ -30,10 +30,12 @@ from typing import Iterable, Iterator
 
 import tokenizers
 from jinja2.exceptions import TemplateError
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
-from .chat_template import TemplateLimitError, compile_chat_template, render_bounded, text_size
 from ..atomic import atomic_write_text
+from .chat_template import TemplateLimitError, compile_chat_template, render_bounded, text_size
+from .gguf_vocab import gguf_tokenizer_settings
+from .pretokenize import LLAMA3_SPLIT, bytes_to_unicode
 
 # ----------------------------------------------------------------------------- picochat's chat format
 
@@ -60,64 +62,6 @@ _FIRST_CODE = 0xF0001
 # Tokens that end an assistant turn in common chat formats (llama.cpp auto-detects the same list).
 END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>",
                       "<|endoftext|>", "<EOT>")
-
-# ----------------------------------------------------------------------------- pre-tokenizer regexes
-# A byte-level BPE vocabulary only reproduces its model's ids if text is split into words exactly as
-# when its merges were learned. These are the splits llama.cpp uses per `tokenizer.ggml.pre`.
-
-# Llama 3 / GPT-4 style: case-insensitive contractions, letters with one leading non-letter, numbers
-# in groups of up to 3 digits, punctuation runs that swallow trailing newlines, newline runs.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Qwen2: the Llama 3 split, but every digit on its own.
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# tokenizer.ggml.pre -> pre-tokenizer family (names as llama.cpp's llama-vocab.cpp spells them)
-GGUF_PRE_TOKENIZERS = {
-    **dict.fromkeys(("default", "gpt-2", "gpt2", "phi-2", "roberta-bpe", "mpt", "olmo"), "gpt2"),
-    # StarCoder-derived vocabularies: split off every digit, then the GPT-2 regex
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), "smollm"),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3"), "llama3"),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), "qwen2"),
-}
-
-
-def byte_level_pre_tokenizer(family: str) -> pre_tokenizers.PreTokenizer:
-    """The pre-tokenizer for one family in GGUF_PRE_TOKENIZERS; all map bytes to GPT-2's alphabet."""
-    if family == "gpt2":  # ByteLevel's built-in regex is GPT-2's
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if family == "smollm":  # what SmolLM2's own tokenizer.json does
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    split = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[family]
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, the alphabet byte-level BPE vocabularies are spelled in.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 are shifted to U+0100 and up, so that
-    e.g. a space is spelled "Ġ" and a newline "Ċ".
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + shifted)
-            shifted += 1
-    return mapping
-
-
-# GGUF token types (llama.cpp's llama_token_type)
-GGUF_TOKEN_NORMAL, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 3, 4
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -270,77 +214,10 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, source: str = "GGUF metadata") -> "Tokenizer":
-        """Build the tokenizer a GGUF file describes from its metadata (GGUF key -> plain Python value).
-
-        Only byte-level BPE ("tokenizer.ggml.model" == "gpt2") is supported, with the word-splitting
-        regex chosen by "tokenizer.ggml.pre" as llama.cpp does. `source` (e.g. the file path) is used
-        in error messages.
-        """
-        model = meta.get("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ValueError(f"{source}: tokenizer model {model!r} (tokenizer.ggml.model) is not supported; "
-                             "picochat supports only 'gpt2' (byte-level BPE)")
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE_TOKENIZERS:
-            raise ValueError(f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
-                             f"supported: {', '.join(sorted(GGUF_PRE_TOKENIZERS))}")
-        family = GGUF_PRE_TOKENIZERS[pre]
-        tokens = meta.get("tokenizer.ggml.tokens")
-        merges = meta.get("tokenizer.ggml.merges")
-        if not tokens or merges is None:
-            raise ValueError(f"{source}: missing tokenizer.ggml.tokens or tokenizer.ggml.merges")
-        types = meta.get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens)
-        if len(types) != len(tokens):
-            raise ValueError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
-
-        # Normal tokens are stored spelled in GPT-2's byte alphabet; respell any that are not (rare
-        # converter quirk) so that BPE can reach them. Control/user-defined tokens stay verbatim.
-        spelling = bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab = {}
-        for i, (token, kind) in enumerate(zip(tokens, types)):
-            if kind not in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED) and not set(token) <= alphabet:
-                token = "".join(spelling[b] for b in token.encode("utf-8"))
-            vocab.setdefault(token, i)  # on duplicate strings the first id wins, as in lookups
-        try:
-            pairs = [tuple(m.split(" ")) for m in merges]
-            # Llama 3 vocabularies look a whole word up before merging (llama.cpp: ignore_merges)
-            bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=(family == "llama3"))
-        except Exception as e:
-            raise ValueError(f"{source}: invalid BPE vocabulary or merges ({e})") from e
-        backend = tokenizers.Tokenizer(bpe)
-        backend.pre_tokenizer = byte_level_pre_tokenizer(family)
-        backend.decoder = decoders.ByteLevel()
-        # Control tokens (<|im_start|>) are special; user-defined ones (<think>) are matched whole in
-        # text too but are ordinary text when decoding, as llama.cpp treats them.
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t, k in zip(tokens, types) if k == GGUF_TOKEN_CONTROL])
-        backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, k in zip(tokens, types) if k == GGUF_TOKEN_USER_DEFINED])
-
-        def token_at(key):
-            i = meta.get(key)
-            if i is None:
-                return None
-            if not 0 <= int(i) < len(tokens):
-                raise ValueError(f"{source}: {key} = {i} is outside the vocabulary of {len(tokens)}")
-            return tokens[int(i)]
-
-        bos = token_at("tokenizer.ggml.bos_token_id")
-        # llama.cpp adds BOS by default for Llama 3 vocabularies unless the file says otherwise
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", family == "llama3")) and bos is not None
-        if add_bos:
-            backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[
-                (bos, backend.token_to_id(bos))])
-        arch = meta.get("general.architecture")
-        ctx = meta.get(f"{arch}.context_length")
-        extra_ends = [t for t in (token_at("tokenizer.ggml.eot_token_id"), token_at("tokenizer.ggml.eom_token_id"))
-                      if t is not None]
-        return cls(backend, bos_token=bos, eos_token=token_at("tokenizer.ggml.eos_token_id"),
-                   pad_token=token_at("tokenizer.ggml.padding_token_id"),
-                   chat_template=meta.get("tokenizer.chat_template"),
-                   model_max_length=int(ctx) if ctx is not None else None, add_bos_token=add_bos,
-                   extra_end_of_turn_tokens=extra_ends)
+        """Build the tokenizer a GGUF file describes from its metadata (GGUF key -> plain Python value): byte-level
+        BPE with llama.cpp's word split for its `tokenizer.ggml.pre` (gguf_vocab.py). `source` (e.g. the file
+        path) is used in error messages."""
+        return cls(**gguf_tokenizer_settings(meta, source))
 
     @classmethod
     def train(cls, files_or_iterator, vocab_size: int, special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS,

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..atomic import atomic_write_text
-from ..data.tokens import DataError, TokenStream, read_meta
+from ..data.tokens import DataError, DataWarning, SplitTooSmall, TokenStream, read_meta
 from ..engine.engine import Engine
 from ..engine.sampling import SamplingParams
 from ..eval.tasks import validation_loss
@@ -84,7 +85,7 @@ class Run:
     optimizers: list
     autocast: torch.autocast
     train_data: object                    # a TokenStream (or the fine-tuning's stream)
-    val_data: object | None               # None: a dataset without validation
+    val_data: object | None               # None: a dataset without validation (or too small for any)
     n_eval: int                           # validation batches per evaluation
     token_bytes: torch.Tensor             # UTF-8 bytes of each token id, for bits per byte
     grad_accum: int
@@ -228,12 +229,39 @@ def step_sizes(config: TrainConfig, info: DistInfo) -> tuple[int, int, int]:
 
 
 def validation_data(config: TrainConfig, info: DistInfo, stream) -> tuple[object | None, int]:
-    """The validation split's batches and how many of them one evaluation reads (None, 0: no validation)."""
+    """The validation split's batches and how many of them one evaluation reads (None, 0: no validation).
+
+    A split smaller than one batch (a small corpus, or a dataset prepared before `data prepare` topped
+    validation up) is read in fewer rows, or in one shorter row per process; one too small even for that
+    is left out. Either way a DataWarning says so, and training runs as long as its own split holds a step.
+    """
     data_dir = Path(config.data_dir)
     if "val" not in getattr(stream, "read_meta", read_meta)(data_dir)["splits"]:
         return None, 0
-    val_data = stream(data_dir, "val", config.batch_size, config.seq_len, info.rank, info.world_size)
+    try:
+        val_data = stream(data_dir, "val", config.batch_size, config.seq_len, info.rank, info.world_size)
+    except SplitTooSmall as e:
+        shape = smaller_batch(e.tokens, config.seq_len, info.world_size)
+        if info.is_main:
+            what = ("training without validation" if shape is None
+                    else f"validating on batches of {shape[0]} × {shape[1]} tokens")
+            warnings.warn(f"the validation split has {e.tokens:,} tokens, fewer than one batch ({info.world_size} × "
+                          f"{config.batch_size} × {config.seq_len} + 1): {what}", DataWarning, stacklevel=1)
+        if shape is None:
+            return None, 0
+        val_data = stream(data_dir, "val", *shape, info.rank, info.world_size)
     return val_data, min(config.eval_batches, val_data.n_windows // val_data.step_windows)
+
+
+def smaller_batch(tokens: int, seq_len: int, world_size: int) -> tuple[int, int] | None:
+    """(rows, tokens per row) for each of world_size processes that a split of `tokens` tokens fills, short of
+    a whole batch: whole rows if it has one per process, else one shorter row; None if not even one
+    token each to predict."""
+    rows = (tokens - 1) // seq_len // world_size
+    if rows >= 1:
+        return rows, seq_len
+    shorter = (tokens - 1) // world_size
+    return (1, shorter) if shorter >= 1 else None
 
 
 def load_weights(model: nn.Module, model_sd: dict, ckpt: Path, finetune):
