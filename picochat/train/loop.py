@@ -105,7 +105,8 @@ class Run:
 
     def finished(self) -> bool:
         c = self.config
-        return (self.total_steps > 0 and self.step >= self.total_steps) or (c.max_time > 0 and self.elapsed() >= c.max_time)
+        by_steps = self.total_steps > 0 and self.step >= self.total_steps
+        return by_steps or (c.max_time > 0 and self.elapsed() >= c.max_time)
 
     def due(self, interval: int, final: bool) -> bool:
         return final or (interval > 0 and self.step % interval == 0)
@@ -198,13 +199,15 @@ def set_up(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer,
         load_weights(model, saved[0], ckpt, finetune)
         train_data.load_state_dict(saved[3]["data"])
     model.to(info.device).train()
-    train_model = wrap_model(model, info)
+    wrapped = wrap_model(model, info)
     dtype = training_dtype(config, info.device)
-    optimizers = make_optimizers(model, config, info.device.type, dtype)
-    run = Run(config, model_config, tokenizer, info, model, train_model,
-              torch.compile(train_model) if config.compile else train_model, optimizers, torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
-              train_data, val_data, n_eval, token_bytes, grad_accum, step_tokens, total_steps,
-              TrainResult(Path(config.out_dir), ckpt, 0, 0, 0.0, rank=info.rank), finetune)
+    run = Run(config, model_config, tokenizer, info, model, wrapped,
+              forward=torch.compile(wrapped) if config.compile else wrapped,
+              optimizers=make_optimizers(model, config, info.device.type, dtype),
+              autocast=torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
+              train_data=train_data, val_data=val_data, n_eval=n_eval, token_bytes=token_bytes,
+              grad_accum=grad_accum, step_tokens=step_tokens, total_steps=total_steps,
+              result=TrainResult(Path(config.out_dir), ckpt, 0, 0, 0.0, rank=info.rank), finetune=finetune)
     if saved is not None:
         restore_optimizers(run, saved)
     open_metrics(run, resumed=ckpt is not None)
