@@ -1,9 +1,11 @@
-"""The four uses, measured on real data with the default model (SmolLM2-135M-Instruct, `picochat pull`).
+"""The four uses, measured on real data with the default model (Qwen2.5-Coder-1.5B-Instruct) or any -m.
 
     python benchmarks/apps.py kb          # customer service: retrieval recall@3, answer accuracy with and
                                           # without retrieval, decline rate on out-of-scope questions
+    python benchmarks/apps.py kb-zh       # the same over a Chinese bookshop's handbook (shop_zh.py)
     python benchmarks/apps.py summarize   # ROUGE-L on 100 Debian man pages (apt-get install manpages)
     python benchmarks/apps.py code        # HumanEval pass@1 with and without the test-and-retry loop
+    python benchmarks/apps.py speed       # time to first token and decode tokens/s of one request of each use
     python benchmarks/apps.py all --json out/apps.json
 
 kb: the fictional shop of benchmarks/sft_demo.py (42 facts, 4 questions each) written as five pages with
@@ -14,6 +16,12 @@ kb: the fictional shop of benchmarks/sft_demo.py (42 facts, 4 questions each) wr
     in the prompt; a decline counts as wrong). Decline rate: 20 questions the pages do not answer (10 off
     topic, 10 about the shop) must get the hand-off. The similarity threshold is also calibrated on other
     questions (the 3 training paraphrases of each fact and 10 other unanswerable ones) and reported.
+    Recall is also given for each side of the search alone (cosine ranking; word ranking), and how often the
+    passage holding the fact is among the sources the model is given.
+kb-zh: the same for a Chinese bookshop (benchmarks/shop_zh.py: 30 facts on five pages, a calibration and a
+    held-out question each, 10 + 10 unanswerable questions), no hand-off set (the default one must come in
+    Chinese); also the share of replies and hand-offs in Chinese (mostly Han characters), and the word-overlap
+    threshold calibrated as assistant.MIN_OVERLAP was.
 summarize: man pages of the `manpages` package rendered by man(1); the reference is the NAME line's
     description ("ls - list directory contents" -> "list directory contents"), the input the DESCRIPTION
     section; all pages are summarized together (each map-reduce round of every page in one batch). The
@@ -33,15 +41,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model, log  # noqa: E402
 from sft_demo import FACTS, SYSTEM  # noqa: E402
+import shop_zh  # noqa: E402
 
 from picochat.apps import assistant  # noqa: E402
+from picochat.apps.documents import mostly_chinese  # noqa: E402
 from picochat.backends import LocalModel  # noqa: E402
 from picochat.engine.engine import Engine  # noqa: E402
 from picochat.engine.sampling import SamplingParams  # noqa: E402
@@ -100,8 +112,33 @@ def write_shop(folder: Path) -> list[Path]:
     return paths
 
 
-def squash(text: str) -> str:
-    return " ".join(text.split()).lower()
+@dataclass
+class Shop:
+    """A knowledge-base benchmark: pages, facts (answer, key strings, questions), which question of each
+    fact is held out (the rest calibrate), and questions the pages do not answer."""
+    name: str
+    facts: list
+    held: int
+    out_of_scope: list[str]
+    dev_out_of_scope: list[str]
+    system: str
+    write: Callable[[Path], list[Path]]
+
+    def held_out(self) -> list[tuple[str, list[str], str]]:
+        return [(answer, keys, questions[self.held]) for answer, keys, questions in self.facts]
+
+    def calibration(self) -> list[str]:
+        return [q for _, _, questions in self.facts for i, q in enumerate(questions) if i != self.held]
+
+
+ENGLISH_SHOP = Shop("kb", FACTS, 3, OUT_OF_SCOPE, DEV_OUT_OF_SCOPE, SYSTEM, write_shop)
+CHINESE_SHOP = Shop("kb-zh", shop_zh.FACTS, 1, shop_zh.OUT_OF_SCOPE, shop_zh.DEV_OUT_OF_SCOPE, shop_zh.SYSTEM,
+                    shop_zh.write_shop)
+
+
+def holds(passage: str, answer: str) -> bool:
+    """Whether a passage holds a fact's sentence (white space aside: Chinese pages run sentences together)."""
+    return "".join(answer.split()).lower() in "".join(passage.split()).lower()
 
 
 def calibrate(in_scope: list[float], out_scope: list[float]) -> tuple[float, float]:
@@ -114,86 +151,140 @@ def calibrate(in_scope: list[float], out_scope: list[float]) -> tuple[float, flo
     return best
 
 
-def run_kb(args, model: LocalModel) -> dict:
+def recall_by_side(kb, shop: Shop, n_passages: int) -> tuple[dict, list, float]:
+    """recall@1/3/5 of the search (fused and reranked), and of its two sides alone: the cosine ranking and
+    the word ranking (a passage without a query word is never found by words); the fused ranks; ms/search
+    (of the top 3, as the assistant asks, once the passages' sentences are embedded)."""
+    ranks = {"search": [], "vector side alone": [], "word side alone": []}
+    for answer, _, question in shop.held_out():
+        hits = kb.search(question, k=n_passages)   # every passage, with both its ranks
+        right = [h for h in hits if holds(h.text, answer)]
+        ranks["search"].append(next((i + 1 for i, h in enumerate(hits) if holds(h.text, answer)), None))
+        ranks["vector side alone"].append(min(h.vector_rank for h in right) if right else None)
+        ranks["word side alone"].append(min((h.bm25_rank for h in right if h.bm25_rank), default=None))
+    t0 = time.perf_counter()
+    for _, _, question in shop.held_out():
+        kb.search(question, k=assistant.TOP_K)
+    search_ms = (time.perf_counter() - t0) / len(shop.facts) * 1000
+    recall = {side: {k: sum(r is not None and r <= k for r in rs) / len(rs) for k in (1, 3, 5)}
+              for side, rs in ranks.items()}
+    return recall, ranks["search"], search_ms
+
+
+def decline_rates(kb, shop: Shop) -> tuple[dict, dict, list]:
+    """How often each relevance rule declines the held-out questions and the unanswerable ones: plain cosine
+    thresholds against picochat's rule (assistant.ground); the similarity distributions; the groundings."""
+    def top(question):    # the best cosine (closest sentence) among the top k passages: what a plain rule uses
+        return max((assistant.closeness(h) for h in kb.search(question, k=assistant.TOP_K)), default=0.0)
+    held = shop.held_out()
+    held_sims, out_sims = [top(q) for _, _, q in held], [top(q) for q in shop.out_of_scope]
+    calibrated, _ = calibrate([top(q) for q in shop.calibration()], [top(q) for q in shop.dev_out_of_scope])
+    declines = {}
+    for label, t in ((f"plain cosine >= {assistant.STRONG_SIMILARITY}", assistant.STRONG_SIMILARITY),
+                     ("plain cosine >= 0.30", 0.30), ("plain cosine, calibrated", calibrated)):  # closest sentence
+        declines[label] = {"threshold": t, "in_scope": sum(s < t for s in held_sims) / len(held),
+                           "out_of_scope": sum(s < t for s in out_sims) / len(out_sims)}
+    groundings = [assistant.ground(kb, q) for _, _, q in held]
+    outside = [assistant.ground(kb, q) for q in shop.out_of_scope]
+    rule = (f"picochat's: overlap >= {assistant.MIN_OVERLAP} (a Chinese question)" if shop is CHINESE_SHOP else
+            f"picochat's: cosine >= {assistant.STRONG_SIMILARITY}, or >= {assistant.MIN_SIMILARITY} and a shared word")
+    declines[rule] = {"threshold": None, "in_scope": sum(g.declined for g in groundings) / len(held),
+                      "out_of_scope": sum(g.declined for g in outside) / len(outside)}
+    similarity = {"held_out_min": min(held_sims), "held_out_median": sorted(held_sims)[len(held) // 2],
+                  "out_of_scope_max": max(out_sims), "out_of_scope_median": sorted(out_sims)[len(out_sims) // 2]}
+    return declines, similarity, groundings + outside
+
+
+def overlap_calibration(kb, shop: Shop) -> dict:
+    """The best word overlap among the top k passages: its calibrated threshold (as MIN_OVERLAP was chosen)."""
+    def top(question):
+        return max((h.overlap for h in kb.search(question, k=assistant.TOP_K)), default=0.0)
+    threshold, accuracy = calibrate([top(q) for q in shop.calibration()], [top(q) for q in shop.dev_out_of_scope])
+    return {"threshold": threshold, "balanced_accuracy": accuracy}
+
+
+def grounded_rows(args, model, shop: Shop, groundings: list) -> tuple[dict, list, dict]:
+    """Accuracy of the model alone and grounded (its sentence; with the quoted evidence; the evidence
+    alone), examples, and which replies and hand-offs are in Chinese."""
+    held = shop.held_out()
+    params = SamplingParams(max_new_tokens=60, temperature=0.0)
+
+    def correct(text, keys):
+        return text is not None and all(k in text.lower() for k in keys)
+    alone = model.generate([[{"role": "system", "content": shop.system}, {"role": "user", "content": q}]
+                            for _, _, q in held], params)
+    rows = {"model alone (no retrieval)": [correct(r[0], keys) for r, (_, keys, _) in zip(alone, held)]}
+    models = [("", model)] + ([(" (LoRA model)", args.lora_model)] if args.lora_model and shop is ENGLISH_SHOP else [])
+    for name, tuned in models:
+        asked = [i for i, g in enumerate(groundings[:len(held)]) if not g.declined]
+        t0 = time.perf_counter()
+        replies = tuned.generate([assistant.grounded_messages([{"role": "user", "content": held[i][2]}],
+                                                              groundings[i]) for i in asked], params)
+        log(f"{shop.name}: grounded{name}: {len(asked)} replies in {time.perf_counter() - t0:.1f} s")
+        reply = dict(zip(asked, (r[0] for r in replies)))
+        seen = {i: reply[i] + assistant.footer_of(reply[i], groundings[i]) for i in asked}
+        rows[f"grounded{name}: the model's sentence"] = [correct(reply.get(i), held[i][1]) for i in range(len(held))]
+        rows[f"grounded{name}: reply + quoted evidence"] = [correct(seen.get(i), held[i][1]) for i in range(len(held))]
+    rows["grounded: the evidence sentence alone (ask --quote)"] = [
+        correct(g.quote, keys) for g, (_, keys, _) in zip(groundings, held)]
+    examples = [{"question": held[i][2], "reply": reply.get(i), "quote": groundings[i].quote}
+                for i in range(len(held))]
+    handoffs = [g.decline_text for g in groundings if g.declined]
+    chinese = {"replies": sum(map(mostly_chinese, reply.values())) / max(1, len(reply)), "replies_n": len(reply),
+               "hand-offs": sum(map(mostly_chinese, handoffs)) / max(1, len(handoffs)), "hand-offs_n": len(handoffs)}
+    return {name: sum(v) / len(v) for name, v in rows.items()}, examples, chinese
+
+
+def run_kb(args, model: LocalModel, shop: Shop = ENGLISH_SHOP) -> dict:
     from picochat.apps.kb import KnowledgeBase
     from picochat.load import load_encoder
     tmp = Path(tempfile.mkdtemp(prefix="picochat-apps-"))
     t0 = time.perf_counter()
     kb = KnowledgeBase(tmp / "shop.sqlite", encoder=load_encoder())
-    report = kb.add(write_shop(tmp))
+    report = kb.add(shop.write(tmp))
     ingest_s = time.perf_counter() - t0
-    log(f"kb: {report.added} pages, {report.passages} passages in {ingest_s:.1f} s")
-
-    held_out = [(answer, keys, questions[3]) for answer, keys, questions in FACTS]
-    t0 = time.perf_counter()
-    ranks = []
-    for answer, _, question in held_out:
-        hits = kb.search(question, k=10)
-        ranks.append(next((i + 1 for i, h in enumerate(hits) if squash(answer) in squash(h.text)), None))
-    search_ms = (time.perf_counter() - t0) / len(held_out) * 1000
-    recall = {k: sum(r is not None and r <= k for r in ranks) / len(ranks) for k in (1, 3, 5)}
-
-    def top_similarity(question):  # what decides a decline: the best similarity among the top k passages
-        return max((h.similarity for h in kb.search(question, k=assistant.TOP_K)), default=0.0)
-    train_sims = [top_similarity(q) for _, _, questions in FACTS for q in questions[:3]]
-    dev_out_sims = [top_similarity(q) for q in DEV_OUT_OF_SCOPE]
-    held_sims = [top_similarity(q) for _, _, q in held_out]
-    out_sims = [top_similarity(q) for q in OUT_OF_SCOPE]
-
-    params = SamplingParams(max_new_tokens=60, temperature=0.0)
-
-    def correct(text, keys):
-        return text is not None and all(k in text.lower() for k in keys)
-    t0 = time.perf_counter()
-    alone = model.generate([[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-                            for _, _, q in held_out], params)
-    alone_s = time.perf_counter() - t0
-    rows = {"model alone (no retrieval)": [correct(r[0], keys) for r, (_, keys, _) in zip(alone, held_out)]}
-    if args.lora_model:   # the fine-tuning demonstration's number, measured again in this run
-        tuned_alone = args.lora_model.generate([[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-                                                for _, _, q in held_out], params)
-        rows["LoRA model alone (no retrieval)"] = [correct(r[0], keys) for r, (_, keys, _) in zip(tuned_alone, held_out)]
-    declines = {}
-    plain_calibrated, _ = calibrate(train_sims, dev_out_sims)
-
-    def declined_plain(question, t):  # a plain cosine threshold, for comparison
-        return all(h.similarity < t for h in kb.search(question, k=assistant.TOP_K))
-    for label, t in ((f"plain cosine >= {assistant.MIN_SIMILARITY + 0.05:.2f}", assistant.MIN_SIMILARITY + 0.05),
-                     ("plain cosine, calibrated", plain_calibrated)):
-        declines[label] = {"in_scope": sum(declined_plain(q, t) for _, _, q in held_out) / len(held_out),
-                           "out_of_scope": sum(declined_plain(q, t) for q in OUT_OF_SCOPE) / len(OUT_OF_SCOPE),
-                           "threshold": t}
-    for label, threshold in (("shipped", assistant.MIN_SIMILARITY),):
-        groundings = [assistant.ground(kb, q, min_similarity=threshold) for _, _, q in held_out]
-        declines[f"shipped: cosine >= {assistant.STRONG_SIMILARITY}, or >= {threshold} and a shared word"] = {
-            "threshold": threshold, "in_scope": sum(g.declined for g in groundings) / len(groundings),
-            "out_of_scope": sum(assistant.ground(kb, q, min_similarity=threshold).declined
-                                for q in OUT_OF_SCOPE) / len(OUT_OF_SCOPE)}
-        if label != "shipped":
-            continue
-        for name, tuned in [("", model)] + ([(" (LoRA model)", args.lora_model)] if args.lora_model else []):
-            asked = [i for i, g in enumerate(groundings) if not g.declined]
-            t0 = time.perf_counter()
-            replies = tuned.generate([assistant.grounded_messages([{"role": "user", "content": held_out[i][2]}],
-                                                                  groundings[i]) for i in asked], params)
-            log(f"grounded{name}: {len(asked)} replies in {time.perf_counter() - t0:.1f} s")
-            reply = dict(zip(asked, (r[0] for r in replies)))
-            seen = {i: reply[i] + assistant.footer_of(reply[i], groundings[i]) for i in asked}
-            rows[f"grounded{name}: the model's sentence"] = [correct(reply.get(i), held_out[i][1])
-                                                             for i in range(len(held_out))]
-            rows[f"grounded{name}: reply + quoted evidence"] = [correct(seen.get(i), held_out[i][1])
-                                                                for i in range(len(held_out))]
-        rows["grounded: the evidence sentence alone (ask --quote)"] = [
-            correct(g.quote, keys) for g, (_, keys, _) in zip(groundings, held_out)]
-        examples = [{"question": held_out[i][2], "reply": reply.get(i), "quote": groundings[i].quote}
-                    for i in range(len(held_out))]
+    log(f"{shop.name}: {report.added} pages, {report.passages} passages in {ingest_s:.1f} s")
+    recall, ranks, search_ms = recall_by_side(kb, shop, report.passages)
+    declines, similarity, groundings = decline_rates(kb, shop)
+    held = groundings[:len(shop.facts)]
+    given = [any(holds(s.text, answer) for s in g.sources) for g, (answer, _, _) in zip(held, shop.held_out())]
+    accuracy, examples, chinese = grounded_rows(args, model, shop, groundings)
+    record = {"pages": report.added, "passages": report.passages, "ingest_s": ingest_s, "search_ms": search_ms,
+              "recall": recall, "ranks": ranks, "similarity": similarity, "accuracy": accuracy,
+              "declines": declines, "examples": examples, "right_passage_given": sum(given) / len(given),
+              "passages_per_answer": sum(len(g.sources) for g in held) / max(1, sum(not g.declined for g in held))}
+    if shop is CHINESE_SHOP:
+        record["overlap_calibration"] = overlap_calibration(kb, shop)
+        record["chinese"] = chinese
     kb.close()
-    return {"pages": report.added, "passages": report.passages, "ingest_s": ingest_s, "search_ms": search_ms,
-            "recall": recall, "ranks": ranks, "similarity": {
-                "held_out_min": min(held_sims), "held_out_median": sorted(held_sims)[len(held_sims) // 2],
-                "out_of_scope_max": max(out_sims), "out_of_scope_median": sorted(out_sims)[len(out_sims) // 2]},
-            "accuracy": {name: sum(v) / len(v) for name, v in rows.items()}, "declines": declines,
-            "alone_s": alone_s, "examples": examples}
+    return record
+
+
+def print_kb(r: dict, shop: Shop):
+    n = len(shop.facts)
+    print(f"\n## {shop.name}: customer service ({r['pages']} pages, {r['passages']} passages, ingested in "
+          f"{r['ingest_s']:.1f} s; search {r['search_ms']:.1f} ms/query)")
+    for side, recall in r["recall"].items():
+        print(f"{'retrieval recall, ' + side:<42} @1 {recall[1]:6.1%}  @3 {recall[3]:6.1%}  @5 {recall[5]:6.1%}"
+              f"  ({n} held-out questions)")
+    print(f"the right passage among the sources given: {r['right_passage_given']:.1%}; "
+          f"{r['passages_per_answer']:.2f} passages per answered question")
+    s = r["similarity"]
+    print(f"top similarity: held-out min {s['held_out_min']:.3f} median {s['held_out_median']:.3f}; "
+          f"out-of-scope median {s['out_of_scope_median']:.3f} max {s['out_of_scope_max']:.3f}")
+    print(f"{f'answer accuracy ({n} held-out questions)':<58} {'accuracy':>9}")
+    for name, value in r["accuracy"].items():
+        print(f"{name:<58} {value:>9.1%}")
+    print(f"\n{'relevance rule':<66} {'declined: in scope':>19} {'out of scope':>13}")
+    for label, d in r["declines"].items():
+        name = label + (f" ({d['threshold']:.3f})" if "calibrated" in label else "")
+        print(f"{name:<66} {d['in_scope']:>19.1%} {d['out_of_scope']:>13.1%}")
+    if "chinese" in r:
+        c, o = r["chinese"], r["overlap_calibration"]
+        print(f"word overlap threshold calibrated on the calibration questions: {o['threshold']:.3f} "
+              f"(balanced accuracy {o['balanced_accuracy']:.1%})")
+        print(f"in Chinese (mostly Han characters): {c['replies']:.1%} of {c['replies_n']} replies, "
+              f"{c['hand-offs']:.1%} of {c['hand-offs_n']} hand-offs")
 
 
 # ----------------------------------------------------------------------------- man pages
@@ -294,11 +385,48 @@ def run_code(args, model: LocalModel) -> dict:
             "fixed_by_retry": [p.task_id for p, r in zip(problems, results) if r.passed and not r.attempts[0].passed]}
 
 
+# ----------------------------------------------------------------------------- speed of each use
+def run_speed(engine: Engine) -> dict:
+    """Time to first token and decode tokens/s of one request at a time (as one user waits), for a prompt of
+    each use: a chat question, a grounded question with its sources (the shop), a man page to summarize, a
+    HumanEval task. Median of 3 runs; the engine's prefix cache is cleared before each."""
+    from picochat.apps.kb import KnowledgeBase
+    from picochat.apps.summarize import WHOLE_SHORT
+    from picochat.eval import humaneval
+    from picochat.load import load_encoder
+    from picochat.eval.tasks import HUMANEVAL_CHAT_ASK
+    tmp = Path(tempfile.mkdtemp(prefix="picochat-speed-"))
+    kb = KnowledgeBase(tmp / "shop.sqlite", encoder=load_encoder())
+    kb.add(write_shop(tmp))
+    grounding = assistant.ground(kb, FACTS[10][2][3])
+    kb.close()
+    page = man_pairs(1)[0]["text"]
+    problem = humaneval.load_problems(1)[0]
+    prompts = {"chat": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+               "ask (grounded)": assistant.grounded_messages([{"role": "user", "content": grounding.query}], grounding),
+               "summarize": [{"role": "user", "content": WHOLE_SHORT.format(words=12) + "\n\n" + page}],
+               "code": [{"role": "user", "content": HUMANEVAL_CHAT_ASK + problem.prompt}]}
+    out = {}
+    for use, messages in prompts.items():
+        ids = engine.chat_prompt(messages)
+        runs = []
+        for _ in range(3):
+            engine.reset()
+            gen = engine.generate(ids, SamplingParams(max_new_tokens=64, temperature=0.0))
+            "".join(gen)
+            s = gen.stats
+            runs.append((s.time_to_first_token, s.completion_tokens / max(1e-9, s.decode_seconds)))
+        out[use] = {"prompt_tokens": len(ids), "ttft_s": sorted(r[0] for r in runs)[1],
+                    "prefill_tok_s": len(ids) / sorted(r[0] for r in runs)[1],
+                    "decode_tok_s": sorted(r[1] for r in runs)[1]}
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["kb", "summarize", "code", "all"])
-    parser.add_argument("-m", "--model", default=None, help="default: smollm2")
+    parser.add_argument("what", choices=["kb", "kb-zh", "summarize", "code", "speed", "all"])
+    parser.add_argument("-m", "--model", default=None, help="default: qwen2.5-coder-1.5b")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--pages", type=int, default=100)
     parser.add_argument("--words", type=int, default=12, help="summary length asked for (the references are ~6 words)")
@@ -322,22 +450,10 @@ def main(argv=None) -> int:
     if args.lora:
         tuned = load(args.lora, dtype=torch.bfloat16)   # as sft_demo.py measured it
         args.lora_model = LocalModel(Engine(tuned.model, tuned.tokenizer), name="lora")
-    if args.what in ("kb", "all"):
-        r = record["kb"] = run_kb(args, model)
-        print(f"\n## customer service ({r['pages']} pages, {r['passages']} passages, ingested in {r['ingest_s']:.1f} s; "
-              f"search {r['search_ms']:.1f} ms/query)")
-        print(f"retrieval recall@1 {r['recall'][1]:.1%}  recall@3 {r['recall'][3]:.1%}  recall@5 {r['recall'][5]:.1%}"
-              f"  ({len(r['ranks'])} held-out questions)")
-        s = r["similarity"]
-        print(f"top similarity: held-out min {s['held_out_min']:.3f} median {s['held_out_median']:.3f}; "
-              f"out-of-scope median {s['out_of_scope_median']:.3f} max {s['out_of_scope_max']:.3f}")
-        print(f"{'answer accuracy (42 held-out questions)':<58} {'accuracy':>9}")
-        for name, value in r["accuracy"].items():
-            print(f"{name:<58} {value:>9.1%}")
-        print(f"\n{'relevance rule':<62} {'declined: in scope':>19} {'out of scope':>13}")
-        for label, d in r["declines"].items():
-            name = label + (f" ({d['threshold']:.3f})" if "calibrated" in label else "")
-            print(f"{name:<62} {d['in_scope']:>19.1%} {d['out_of_scope']:>13.1%}")
+    for shop in (ENGLISH_SHOP, CHINESE_SHOP):
+        if args.what in (shop.name, "all"):
+            record[shop.name] = run_kb(args, model, shop)
+            print_kb(record[shop.name], shop)
     if args.what in ("summarize", "all"):
         r = record["summarize"] = run_summarize(args, model)
         print(f"\n## summarization ({r['pages']} man pages, {r['multi_piece_pages']} longer than one "
@@ -349,6 +465,13 @@ def main(argv=None) -> int:
         print(f"\n## code generation (HumanEval, {r['problems']} problems, {r['attempts']} attempts, {r['seconds']:.0f} s)")
         print(f"pass@1 without retry {r['pass@1_no_retry']:.1%}; with test-and-retry (up to {r['retries']} retries) "
               f"{r['pass@1_with_retry']:.1%}")
+    if args.what in ("speed", "all"):
+        r = record["speed"] = run_speed(model.engine)
+        print("\n## speed, one request at a time (median of 3; 64 new tokens, greedy)")
+        print(f"{'use':<16} {'prompt tokens':>13} {'first token':>12} {'prompt tok/s':>13} {'decode tok/s':>13}")
+        for use, s in r.items():
+            print(f"{use:<16} {s['prompt_tokens']:>13} {s['ttft_s']:>10.2f} s {s['prefill_tok_s']:>13.1f} "
+                  f"{s['decode_tok_s']:>13.1f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1))

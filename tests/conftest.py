@@ -31,16 +31,20 @@ def smollm2_path() -> Path:
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run the checks marked slow (minutes each)")
+    parser.addoption("--bigmodel", action="store_true",
+                     help="also run the checks of the default 1.5B model (`picochat pull` first; minutes, ~14 GB)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes long; run with --runslow (the README lists them)")
+    config.addinivalue_line("markers", "bigmodel: needs the pulled 1.5B default model; run with --bigmodel")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    for marker, option in (("slow", "--runslow"), ("bigmodel", "--bigmodel")):
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=f"{marker}: run with {option}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

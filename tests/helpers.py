@@ -144,6 +144,8 @@ class FakeHit:
     score: float = 0.0
     bm25_rank: int | None = 1
     vector_rank: int = 1
+    overlap: float = 0.0
+    sentence_similarity: float | None = None
 
 
 class FakeKB:

@@ -58,12 +58,47 @@ def test_grounded_messages_put_the_persona_first_and_sources_in_the_last_turn():
 
 def test_relevance_needs_meaning_and_for_middling_similarity_a_shared_word():
     assert assistant.relevant(FakeHit("s", "", "t", 0.5, bm25_rank=None))           # close in meaning
-    assert assistant.relevant(FakeHit("s", "", "t", 0.3, bm25_rank=4))              # fairly close, a word
-    assert not assistant.relevant(FakeHit("s", "", "t", 0.3, bm25_rank=None))       # fairly close, no word
-    assert not assistant.relevant(FakeHit("s", "", "t", 0.2, bm25_rank=1))          # far
-    near = [FakeHit("a", "", "x", 0.6), FakeHit("b", "", "y", 0.55), FakeHit("c", "", "z", 0.4)]
+    assert assistant.relevant(FakeHit("s", "", "t", 0.4, bm25_rank=4))              # fairly close, a word
+    assert not assistant.relevant(FakeHit("s", "", "t", 0.4, bm25_rank=None))       # fairly close, no word
+    assert not assistant.relevant(FakeHit("s", "", "t", 0.3, bm25_rank=1))          # far
+    # the passage's sentence closest to the question counts where the search measured it
+    assert assistant.relevant(FakeHit("s", "", "t", 0.3, bm25_rank=None, sentence_similarity=0.5))
+    near = [FakeHit("a", "", "x", 0.6), FakeHit("b", "", "y", 0.55),
+            FakeHit("c", "", "z", 0.4, sentence_similarity=0.45)]
     kb = type("KB", (FakeKB,), {"search": lambda self, q, k=5: near[:k]})()
     assert [s.source for s in assistant.retrieve(kb, "q")] == ["a", "b"]   # within 0.1 of the best only
+
+
+def test_a_chinese_question_is_judged_by_its_words_not_the_cosine():
+    """all-MiniLM-L6-v2 puts a Chinese question ~0.6 from any Chinese passage: only the word overlap tells."""
+    unrelated = FakeHit("a", "", "x", 0.75, bm25_rank=3, overlap=0.1)
+    answers = FakeHit("b", "", "y", 0.55, bm25_rank=1, overlap=0.6)
+    assert not assistant.relevant(unrelated, chinese=True) and assistant.relevant(answers, chinese=True)
+    assert assistant.relevant(unrelated)                                             # in English it would be
+    assert not assistant.relevant(FakeHit("c", "", "z", 0.9, overlap=0.1), chinese=True)
+    kb = type("KB", (FakeKB,), {"search": lambda self, q, k=5: [unrelated, answers][:k]})()
+    assert [s.source for s in assistant.retrieve(kb, "你们的退货政策是什么？")] == ["b"]   # no near-best cut by cosine
+    assert [s.source for s in assistant.retrieve(kb, "What is your returns policy?")] == ["a"]
+
+
+def test_declines_and_prompts_come_in_the_questions_language():
+    kb = type("KB", (FakeKB,), {"setting": lambda self, k, d=None: d})()          # no hand-off of its own
+    assert assistant.ground(kb, "明天会下雨吗？").decline_text == assistant.DEFAULT_HANDOFF_ZH
+    assert assistant.ground(kb, "Will it rain tomorrow?").decline_text == assistant.DEFAULT_HANDOFF
+    assert assistant.ground(FakeKB(), "明天会下雨吗？").decline_text == FakeKB().settings["handoff"]  # its own wins
+    assert "language of the question" in assistant.DEFAULT_PERSONA
+    sources = [assistant.Source(1, "/d/退换货.md", "退货", "购书15天内凭小票可以退货。", 0.6)]
+    assert assistant.sources_prompt("可以退货吗？", sources) == \
+        "资料：\n[1] 购书15天内凭小票可以退货。\n\n问题：可以退货吗？\n请根据资料，用中文一句话回答。"
+    assert assistant.sources_prompt("Can I return it?", sources).startswith("Information:\n[1] ")
+
+
+def test_clip_keeps_most_of_a_chinese_passage():
+    text = "请拨打0571-8865 2210。" + "购书十五天内凭小票可以退货，特价书不退不换。" * 40
+    clipped = assistant._clip(text, 700)
+    assert len(clipped) > 350 and clipped.endswith("。 …") and text.startswith(clipped[:-2])
+    assert assistant._clip("short text", 700) == "short text"
+    assert assistant._clip("word " * 200, 50) == ("word " * 10).strip() + " …"
 
 
 def test_best_span_is_a_verbatim_sentence_of_a_source():
@@ -71,6 +106,75 @@ def test_best_span_is_a_verbatim_sentence_of_a_source():
     quote, source = assistant.best_span(FakeKB(), "return window?", "30 days", sources)
     assert quote in ("Returns are accepted within 30 days.", "Bring the receipt!") and source is sources[0]
     assert quote in sources[0].text
+
+
+def test_the_chinese_evidence_is_the_sentence_holding_the_questions_words():
+    text = "会员卡的年费是68元。会员购买新书一律享受9折优惠！每消费1元积1分；礼品卡自购买之日起3年内有效。"
+    sources = [assistant.Source(1, "/d/会员.html", "会员", text, 0.6)]
+    for question, expected in [("会员买新书打几折？", "会员购买新书一律享受9折优惠！"),
+                               ("礼品卡的有效期是多久？", "礼品卡自购买之日起3年内有效。"),
+                               ("办会员卡一年多少钱？", "会员卡的年费是68元。")]:
+        assert assistant.best_span(FakeKB(), question, "", sources) == (expected, sources[0])
+
+
+# ----------------------------------------------------------------------------- over a real knowledge base
+HANDBOOK = {   # a bike shop's help pages: the contact passage says "Telephone number" and "call us", not "phone"
+    "Opening hours": "Pennine Cycles is open Monday to Friday from 9 am to 6 pm. On Saturdays we are open from\n"
+                     "10 am to 4 pm. We are closed on Sundays and bank holidays.",
+    "Contact us": "Telephone number: call us on 0161 496 0734 during opening hours. Email: "
+                  "hello@pennine.example, answered within a day.",
+    "Finding us": "The shop is at 12 Canal Street, Manchester, five minutes' walk from Piccadilly station.",
+    "Repairs": "Book a repair online or in the shop. A standard service costs 45 pounds and takes two days; "
+               "we text your phone when the bike is ready.",
+    "Orders": "Have your order number ready when you contact us about an order. Orders ship within two "
+              "working days.",
+    "Returns": "Unused items can be returned within 30 days with the receipt. Bikes must be returned with "
+               "their frame number intact.",
+    "Bike hire": "We hire out city bikes for 20 pounds a day. Bring photo ID and a mobile phone.",
+    "Cycle to work": "We take part in the Cycle to Work scheme; ask your employer for a certificate number.",
+}
+
+
+@pytest.fixture(scope="module")
+def handbook(tmp_path_factory):
+    from picochat import hub
+    from picochat.apps.kb import KnowledgeBase
+    from picochat.load import load_encoder
+    try:
+        encoder = load_encoder()
+    except hub.ModelNotFound:
+        pytest.skip("all-MiniLM-L6-v2 not pulled (run `picochat pull minilm`): ranking needs the real model")
+    folder = tmp_path_factory.mktemp("handbook")
+    (folder / "help.md").write_text("# Pennine Cycles\n\n" + "".join(f"## {h}\n\n{t}\n\n" for h, t in HANDBOOK.items()))
+    with KnowledgeBase(folder / "kb.sqlite", encoder) as kb:
+        kb.add([folder / "help.md"])
+        yield kb
+
+
+def rrf_order(hits):
+    """The hits as reciprocal rank fusion (Σ 1/(60 + rank) over the two rankings, search's rule before) ordered them."""
+    return sorted(hits, key=lambda h: -(1 / (60 + h.vector_rank) + (1 / (60 + h.bm25_rank) if h.bm25_rank else 0)))
+
+
+def test_the_passage_that_answers_by_meaning_is_not_pushed_out_by_common_words(handbook):
+    """"phone" is in two other passages, "shop" in two and "number" in four: reciprocal rank fusion put each
+    passage sharing a word above the contact passage (2nd by meaning, sharing none): 4th, out of the top 3."""
+    hits = handbook.search("Can I phone the shop?", k=len(HANDBOOK))
+    contact = next(h for h in hits if h.section.endswith("Contact us"))
+    assert contact.vector_rank == 2 and contact.bm25_rank is None and rrf_order(hits).index(contact) == 3
+    assert contact in hits[:3]
+    for question in ("Can I phone the shop?", "What is your phone number?"):
+        assert any("0161 496 0734" in s.text for s in assistant.retrieve(handbook, question)), question
+    hits = handbook.search("What is your phone number?", k=3)          # "number" is worth ~0: in half of them
+    assert [h.overlap < 0.01 for h in hits if h.section.endswith("Contact us")] == [True]
+    g = assistant.ground(handbook, "What number do I call?")
+    assert g.quote == "Telephone number: call us on 0161 496 0734 during opening hours."
+
+
+def test_the_evidence_is_a_whole_sentence_across_a_wrapped_line(handbook):
+    g = assistant.ground(handbook, "When are you open on Saturdays?")
+    assert g.quote == "On Saturdays we are open from 10 am to 4 pm."      # was "On Saturdays we are open from"
+    assert [s.section for s in g.sources] == ["Pennine Cycles › Opening hours"]
 
 
 # ----------------------------------------------------------------------------- the server

@@ -121,7 +121,7 @@ def test_bad_folders_give_one_clear_line(tmp_path, capsys, tiny_dir):
 
 def test_missing_default_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
-    monkeypatch.setattr(hub, "_installed_file", lambda pkg: None)
+    monkeypatch.setattr(hub, "_installed_part", lambda part: None)
     code, _, err = run(["generate", "hi"], capsys)
     assert code == 1 and "picochat pull" in err
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from picochat.apps.documents import Document, DocumentError, Section, read_document, split_passages
+from picochat.apps.documents import (Document, DocumentError, Section, mostly_chinese, read_document, sentences,
+                                     split_passages)
 from picochat import hub
 from picochat.load import load_encoder
 from picochat.model.encoder import Bert, BertConfig, SentenceEncoder
-from picochat.apps.kb import EncoderMismatch, KnowledgeBase, kb_path, match_query
+from picochat.apps.kb import EncoderMismatch, KnowledgeBase, kb_path
+from picochat.apps.terms import index_grams, match_query, query_terms
 
 
 def tiny_encoder(name="tiny-random", dim=32, seed=0) -> SentenceEncoder:
@@ -185,6 +187,35 @@ def test_split_passages():
     assert all(s in covered for s in sentences)                             # nothing lost
 
 
+def test_sentences_are_not_cut_at_wrapped_lines_or_abbreviations_and_chinese_stops_end_them():
+    text = ("We are open Mon. to Fri. from 9 am to 6 pm. On Saturdays we are open from\n"
+            "10 am to 4 pm. We close at 5 p.m. on holidays. Dr. Lee says \"call us.\" Tel. 0161 496 0734.\n"
+            "- Bikes: 20 pounds a day\n- Helmets: free\n\n"
+            "营业时间：周一至周五9:30至21:00。周六呢？照常营业！周日休息；“欢迎光临。”节假日另行通知\n"
+            "（见公告）。")
+    assert sentences(text) == [
+        "We are open Mon. to Fri. from 9 am to 6 pm.", "On Saturdays we are open from 10 am to 4 pm.",
+        "We close at 5 p.m. on holidays.", "Dr. Lee says \"call us.\"", "Tel. 0161 496 0734.",
+        "- Bikes: 20 pounds a day", "- Helmets: free",
+        "营业时间：周一至周五9:30至21:00。", "周六呢？", "照常营业！", "周日休息；", "“欢迎光临。”", "节假日另行通知（见公告）。"]
+    # a passage is cut at sentence ends only: never between "Sat." and "10 am"
+    doc = Document("/x.md", "x", [Section("Hours", "Open Mon. to Fri. 9 am to 6 pm and Sat. 10 am to 4 pm. " * 8)])
+    assert all(p.text.endswith("4 pm.") for p in split_passages(doc, max_chars=200, overlap_chars=60))
+
+
+def test_html_line_breaks_stay_inside_their_paragraph(tmp_path):
+    (tmp_path / "hours.html").write_text("<h1>Hours</h1><p>Saturday:<br>\n 10 am to 4 pm</p><p>Sunday: closed</p>")
+    doc = read_document(tmp_path / "hours.html")
+    assert doc.sections[0].text == "Saturday:\n10 am to 4 pm\n\nSunday: closed"
+    assert sentences(doc.sections[0].text) == ["Saturday: 10 am to 4 pm", "Sunday: closed"]
+
+
+def test_chinese_is_told_from_english_and_japanese():
+    assert mostly_chinese("你们几点关门？") and mostly_chinese("Kindle多少钱？")   # a Latin word counts once
+    assert not mostly_chinese("What does 退货 mean?") and not mostly_chinese("営業時間は何時ですか")
+    assert not mostly_chinese("") and not mostly_chinese("0571-8865 2210")
+
+
 # ----------------------------------------------------------------------------- the store
 def test_kb_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
@@ -272,6 +303,11 @@ PASSAGES = {
 }
 
 
+def rrf(hit) -> float:
+    """The reciprocal rank fusion score search used before (Σ 1/(60 + rank) over the two rankings)."""
+    return 1 / (60 + hit.vector_rank) + (1 / (60 + hit.bm25_rank) if hit.bm25_rank else 0)
+
+
 def test_ranking(tmp_path, minilm):
     doc = tmp_path / "faq.md"
     doc.write_text("# FAQ\n\n" + "".join(f"## {h}\n\n{t}\n\n" for h, t in PASSAGES.items()))
@@ -284,18 +320,107 @@ def test_ranking(tmp_path, minilm):
             hits = kb.search(query, k=3)
             assert hits[0].section == f"FAQ › {section}", (query, [(h.section, h.similarity) for h in hits])
             assert hits[0].vector_rank == 1 and hits[0].score >= hits[1].score
-        # fusion counts ranks, not how similar: "card" also occurs in the refunds passage ("the original
-        # card"), whose word rank 1 outweighs the meaning here; the right passage still comes second, and first
-        # by similarity, which the caller can see
+        # "card" also occurs in the refunds passage ("the original card"): its word rank is 1, but the word is
+        # one of the question's three, so its overlap is partial and the meaning wins (reciprocal rank fusion,
+        # which counts ranks only, put the refunds passage first)
         hits = kb.search("I misplaced my ID card", k=3)
-        assert [h.section for h in hits[:2]] == ["FAQ › Refunds", "FAQ › Lost badge"]
-        assert hits[1].vector_rank == 1 and hits[0].bm25_rank == 1 and hits[1].bm25_rank is None
+        refunds = next(h for h in hits if h.section == "FAQ › Refunds")
+        assert hits[0].section == "FAQ › Lost badge" and hits[0].vector_rank == 1 and hits[0].bm25_rank is None
+        assert refunds.bm25_rank == 1 and 0 < refunds.overlap < 1
+        assert rrf(refunds) > rrf(hits[0])
         # similarity is an absolute signal: about 0.2 and up for an answer, under 0.1 for an unrelated question
         relevant = [kb.search(q, k=1)[0].similarity for q in ("where can I leave my car", "how do I get online")]
         unrelated = [kb.search(q, k=1)[0].similarity
                      for q in ("the mating habits of deep-sea octopuses", "what is the capital of France")]
         assert min(relevant) > 0.2 and max(unrelated) < 0.12
         assert kb.embed(["car park"]).shape == (1, 384)
+
+
+BOOKSHOP = """# 书店指南
+
+## 退货
+
+购书15天内凭小票可以退货，特价书不退不换。
+
+## 营业时间
+
+每天上午10点至晚上9点营业，春节闭店三天。
+
+## 无线网络
+
+店内免费上网，密码是wutong2024。
+
+## Parking
+
+Visitors park behind building B.
+"""
+
+
+def test_chinese_words_are_searched_as_bigrams_and_characters(tmp_path, encoder):
+    assert query_terms("你们的退货政策是什么？") == ["退货", "货政", "政策", "退", "货", "政", "策"]  # 的 是 什么 out
+    assert match_query("密码是wutong2024吗") == '"密码" OR "密" OR "码" OR "wutong2024"'
+    assert index_grams("指南 › 退货", "可以退货。Bring the receipt.") == "指南 指 南 退货 退 货 可以 以退 退货 可 以 退 货"
+    assert index_grams("Parking", "Visitors park behind building B.") == ""   # English: indexed as before
+    (tmp_path / "shop.md").write_text(BOOKSHOP)
+    with KnowledgeBase(tmp_path / "kb.sqlite", encoder) as kb:
+        kb.add([tmp_path / "shop.md"])
+        # unicode61 reads 购书15天内凭小票可以退货 as one word: these found nothing by words before
+        for question, section in [("可以退货吗？", "退货"), ("退货", "退货"), ("几点营业？", "营业时间"),
+                                  ("无线网的密码是多少？", "无线网络"), ("wutong2024", "无线网络")]:
+            hits = kb.search(question, k=5)
+            best = max(hits, key=lambda h: h.overlap)
+            assert best.section == f"书店指南 › {section}" and best.bm25_rank == 1 and best.overlap > 0.3, question
+            assert hits[0].section == best.section
+            assert (hits[0].sentence_similarity is None) == mostly_chinese(question)   # Chinese: not reranked
+        assert kb.search("where do visitors park", k=1)[0].section == "书店指南 › Parking"
+        assert all(h.bm25_rank is None for h in kb.search("红烧肉怎么做？", k=5))   # none of its words
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE documents (id INTEGER PRIMARY KEY, source TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL,
+    title TEXT NOT NULL, added_at REAL NOT NULL, passages INTEGER NOT NULL);
+CREATE TABLE passages (id INTEGER PRIMARY KEY, document_id INTEGER NOT NULL REFERENCES documents(id),
+    ord INTEGER NOT NULL, section TEXT NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, vector BLOB NOT NULL);
+CREATE INDEX passages_document ON passages(document_id);
+CREATE VIRTUAL TABLE passages_fts USING fts5(
+    text, section, content='passages', content_rowid='id', tokenize='porter unicode61 remove_diacritics 2');
+CREATE TRIGGER passages_ai AFTER INSERT ON passages BEGIN
+    INSERT INTO passages_fts(rowid, text, section) VALUES (new.id, new.text, new.section);
+END;
+CREATE TRIGGER passages_ad AFTER DELETE ON passages BEGIN
+    INSERT INTO passages_fts(passages_fts, rowid, text, section) VALUES ('delete', old.id, old.text, old.section);
+END;
+"""
+
+
+def test_a_schema_1_file_is_upgraded_on_opening(tmp_path, encoder):
+    """A knowledge base written before Chinese was indexed gets its word index rebuilt, once, in place."""
+    path = tmp_path / "old.sqlite"
+    passages = [("指南 › 政策", "购书15天内凭小票可以退货。"), ("指南 › Parking", "Visitors park behind building B.")]
+    vectors = encoder.encode([f"{section}\n{text}" for section, text in passages])
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+        db.executemany("INSERT INTO meta VALUES (?, ?)", [("schema_version", "1"), ("generation", "1"),
+                       ("embedding_model", encoder.name), ("embedding_dim", str(encoder.dim))])
+        db.execute("INSERT INTO documents VALUES (1, '/docs/guide.md', 'x', '指南', 0, 2)")
+        rows = [(i, section, text, v.tobytes()) for i, ((section, text), v) in enumerate(zip(passages, vectors))]
+        db.executemany("INSERT INTO passages (document_id, ord, section, text, start, vector) "
+                       "VALUES (1, ?, ?, ?, 0, ?)", rows)
+        assert db.execute("SELECT COUNT(*) FROM passages_fts WHERE passages_fts MATCH '\"退货\"'").fetchone() == (0,)
+    with KnowledgeBase(path, encoder) as kb:
+        assert kb.search("退货", k=1)[0].bm25_rank == 1
+        assert kb.search("where do visitors park", k=1)[0].text.startswith("Visitors park")
+        assert [d.source for d in kb.documents()] == ["/docs/guide.md"]
+        (tmp_path / "more.md").write_text("# 更多\n\n会员买书打9折。\n")
+        kb.add([tmp_path / "more.md"])                        # the new triggers write the new column
+        assert kb.search("会员打折", k=1)[0].section == "更多"
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+        grams = dict(db.execute("SELECT id, grams FROM passages").fetchall())
+        assert "退货" in grams[1].split() and grams[2] == "指南 指 南"      # the heading's Chinese too
+    KnowledgeBase(path, encoder).close()                    # opening an upgraded file changes nothing
 
 
 def test_readers_during_writes(tmp_path, encoder):

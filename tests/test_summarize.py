@@ -198,3 +198,24 @@ def test_many_texts_share_each_round():
     assert seen == [(1, 2), (2, 2)]
     with pytest.raises(ValueError, match="text 1 is empty"):
         summarize_many(model, ["A fox.", ""], context_tokens=200, count_tokens=words)
+
+
+CHINESE = ("自注意力机制让模型在处理每个词时，关注同一序列中的所有其他词。它是Transformer的核心。"
+           "生成式预训练用下一个词的预测作为目标，在大量文本上训练模型。")
+
+
+def test_a_chinese_text_is_summarized_in_chinese_within_its_length():
+    reply = "这段文字介绍了自注意力。它也讲了预训练的目标和方法。" + "还有很多很多其他的内容" * 5
+    model = Scripted(lambda text, i: reply)
+    got = summarize(model, CHINESE, words=20, context_tokens=400, count_tokens=len)
+    (prompts, _), = model.calls
+    assert content(prompts[0]).startswith("用一句不超过40个字的话说明下面的文字讲的是什么")
+    assert body(prompts[0]) == CHINESE
+    # whole sentences while they fit: two characters a word, 40 characters
+    assert got.summary == "这段文字介绍了自注意力。它也讲了预训练的目标和方法。"
+    long = summarize(Scripted(lambda text, i: "很长" * 100), CHINESE, words=30, context_tokens=400, count_tokens=len)
+    assert long.summary == "很长" * 30   # no sentence end: the first 60 characters
+    english = Scripted(lambda text, i: "About attention.")
+    summarize(english, "Self-attention lets a model look at every word. 它很重要。", words=20, context_tokens=400,
+              count_tokens=words)
+    assert "at most 20 words" in content(english.calls[0][0][0])   # mostly English: asked in English

@@ -4,17 +4,22 @@ benchmarks, so each of them answers the same way.
 
 One turn:
   1. retrieve: the knowledge base's hybrid search (kb.py) for the user's message; a passage counts as
-     relevant when it is close in meaning (cosine similarity at least STRONG_SIMILARITY), or fairly close
-     (at least `min_similarity`) and shares a word with the question (it is in the keyword ranking) —
-     "Do you sell kayaks?" is fairly close to a page of product prices, but no passage says "kayak";
-  2. nothing relevant -> decline: the knowledge base's hand-off text, and no generation at all (a small
-     model told "say you don't know" still invents; not asking it is the reliable way);
+     relevant when its sentence closest to the question is close in meaning (cosine similarity at least
+     STRONG_SIMILARITY), or fairly close (at least `min_similarity`) and the passage shares a word with
+     the question (it is in the keyword ranking) — "Do you sell kayaks?" is fairly close to a page of
+     product prices, but no passage says "kayak". A Chinese question (mostly Han characters) is judged
+     by its words alone: all-MiniLM-L6-v2 reads most Han characters as [UNK], so that a Chinese question
+     is as close to an unrelated Chinese passage (cosine ~0.6) as to the one that answers it; a passage
+     is relevant when it holds at least MIN_OVERLAP of the question's words, weighted by rarity;
+  2. nothing relevant -> decline: the knowledge base's hand-off text (by default in the question's
+     language), and no generation at all (a small model told "say you don't know" still invents; not
+     asking it is the reliable way);
   3. otherwise the user's message is sent with the passages numbered [1], [2], ... (only those close to
      the best one: a small model mixes up near neighbours it is given) under the knowledge base's
      persona (system prompt), and the reply is followed by the sources it cites (all of them when it
      cites none), each as file § section, and by the evidence: the one sentence of the sources closest
-     in meaning to the question, verbatim — what the customer can trust even when a small model's own
-     sentence goes wrong (benchmarks/apps.py measures both).
+     to the question (in meaning; for a Chinese question, in words), verbatim — what the customer can
+     trust even when a small model's own sentence goes wrong (benchmarks/apps.py measures both).
 """
 from __future__ import annotations
 
@@ -22,18 +27,25 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .documents import sentences
+import numpy as np
 
-MIN_SIMILARITY = 0.25     # all-MiniLM-L6-v2 cosine: below it, a passage is not relevant ...
-STRONG_SIMILARITY = 0.45  # ... from it on, it is; between the two, only with a word of the question in it
-                          # (chosen on the shop benchmark's training paraphrases and its calibration
-                          # questions: benchmarks/apps.py; the README gives the distributions)
+from .documents import mostly_chinese, sentences
+from .terms import query_terms
+
+MIN_SIMILARITY = 0.35     # all-MiniLM-L6-v2 cosine of the question and a passage's closest sentence: below
+STRONG_SIMILARITY = 0.45  # it, not relevant; from STRONG on, relevant; between, only with a word of the
+                          # question in the passage (chosen on the shop benchmark's training paraphrases
+                          # and its calibration questions: benchmarks/apps.py)
+MIN_OVERLAP = 0.20        # a Chinese question: the share of its words (by rarity) a passage must hold
+                          # (chosen on the Chinese handbook's calibration questions: benchmarks/shop_zh.py)
 TOP_K = 3               # passages per question, at most
 NEAR_BEST = 0.10        # ... and only those within this similarity of the best one
 DEFAULT_PERSONA = ("You are a helpful customer-service assistant. Answer the customer's question using only "
-                   "the numbered sources you are given, briefly, and cite them like [1].")
+                   "the numbered sources you are given, briefly, in the language of the question, and cite "
+                   "them like [1].")
 DEFAULT_HANDOFF = ("I'm sorry, I don't know the answer to that from our documents. Would you like me to pass "
                    "your question to a member of our team?")
+DEFAULT_HANDOFF_ZH = "抱歉，我们的资料里没有这个问题的答案。需要我把您的问题转给我们的工作人员吗？"
 SOURCE_CHARS = 700      # of each passage in the prompt (passages are ~800 characters; keeps 3 within 1K tokens)
 _CITATION = re.compile(r"\[(\d{1,2})\]")
 
@@ -75,19 +87,33 @@ class Grounding:
                 "quote": self.quote, "quote_source": self.quote_source}
 
 
-def relevant(hit, min_similarity: float = MIN_SIMILARITY, strong: float = STRONG_SIMILARITY) -> bool:
+def closeness(hit) -> float:
+    """A hit's cosine to the question: its closest sentence's where the search measured it, else the
+    passage's (a passage of several facts is as close as the one that answers)."""
+    return hit.similarity if hit.sentence_similarity is None else hit.sentence_similarity
+
+
+def relevant(hit, min_similarity: float = MIN_SIMILARITY, strong: float = STRONG_SIMILARITY,
+             chinese: bool = False) -> bool:
     """Whether a search hit is evidence for the question: close in meaning, or fairly close and sharing
-    one of its words (bm25_rank is None for a passage the keyword search did not find)."""
-    return hit.similarity >= strong or (hit.similarity >= min_similarity and hit.bm25_rank is not None)
+    one of its words (bm25_rank is None for a passage the keyword search did not find); for a Chinese
+    question, holding enough of its words."""
+    if chinese:
+        return hit.overlap >= MIN_OVERLAP
+    return closeness(hit) >= strong or (closeness(hit) >= min_similarity and hit.bm25_rank is not None)
 
 
 def retrieve(kb, query: str, k: int = TOP_K, min_similarity: float = MIN_SIMILARITY,
              near_best: float = NEAR_BEST) -> list[Source]:
     """The passages for `query`: hybrid search's top k, keeping the relevant ones that are close to the
-    best (within near_best of its similarity), numbered from 1 in the search's order."""
-    hits = [h for h in kb.search(query, k=k) if relevant(h, min_similarity, max(min_similarity, STRONG_SIMILARITY))]
-    best = max((h.similarity for h in hits), default=0.0)
-    hits = [h for h in hits if h.similarity >= best - near_best]
+    best (within near_best of its closeness; for a Chinese question, whose cosines say little, all
+    relevant ones), numbered from 1 in the search's order."""
+    chinese = mostly_chinese(query)
+    strong = max(min_similarity, STRONG_SIMILARITY)
+    hits = [h for h in kb.search(query, k=k) if relevant(h, min_similarity, strong, chinese)]
+    if not chinese:
+        best = max((closeness(h) for h in hits), default=0.0)
+        hits = [h for h in hits if closeness(h) >= best - near_best]
     return [Source(i + 1, h.source, h.section, h.text, h.similarity) for i, h in enumerate(hits)]
 
 
@@ -96,9 +122,10 @@ def sources_prompt(question: str, sources: list[Source]) -> str:
     135M-parameter model answers best with the material right before a one-sentence instruction: of six
     layouts compared on the shop benchmark, this one was first on its held-out questions and on its 126
     training paraphrases, 45% against 37-44%)."""
-    blocks = [f"[{s.number}] {_clip(s.text, SOURCE_CHARS)}" for s in sources]
-    return ("Information:\n" + "\n".join(blocks) + f"\n\nQuestion: {question}\n"
-            "Answer in one sentence using the information.")
+    blocks = "\n".join(f"[{s.number}] {_clip(s.text, SOURCE_CHARS)}" for s in sources)
+    if mostly_chinese(question):   # the same layout in Chinese: an English instruction draws English replies
+        return f"资料：\n{blocks}\n\n问题：{question}\n请根据资料，用中文一句话回答。"
+    return f"Information:\n{blocks}\n\nQuestion: {question}\nAnswer in one sentence using the information."
 
 
 def ground(kb, question: str, k: int = TOP_K, min_similarity: float = MIN_SIMILARITY) -> Grounding:
@@ -107,11 +134,16 @@ def ground(kb, question: str, k: int = TOP_K, min_similarity: float = MIN_SIMILA
     persona = kb.setting("persona", DEFAULT_PERSONA) or DEFAULT_PERSONA
     sources = retrieve(kb, question, k, min_similarity)
     if not sources:
-        return Grounding(question, declined=True, persona=persona,
-                         decline_text=kb.setting("handoff", DEFAULT_HANDOFF) or DEFAULT_HANDOFF)
+        return Grounding(question, declined=True, persona=persona, decline_text=handoff(kb, question))
     quote, source = best_span(kb, question, "", sources)
     return Grounding(question, sources, prompt=sources_prompt(question, sources), persona=persona, quote=quote,
                      quote_source=source.number if source else None)
+
+
+def handoff(kb, question: str) -> str:
+    """What a decline says: the knowledge base's own hand-off, else the default one in the question's
+    language (Chinese for a question of mostly Han characters, English otherwise)."""
+    return kb.setting("handoff") or (DEFAULT_HANDOFF_ZH if mostly_chinese(question) else DEFAULT_HANDOFF)
 
 
 def grounded_messages(messages: list[dict], grounding: Grounding) -> list[dict]:
@@ -162,8 +194,14 @@ def question_of(messages: list[dict]) -> str:
 
 
 def _clip(text: str, chars: int) -> str:
+    """`text` on one line, cut to about `chars` characters at a sentence end or space in its second half
+    (Chinese has no spaces: cutting at the last one could keep a few characters of a long passage)."""
     text = " ".join(text.split())
-    return text if len(text) <= chars else text[:chars].rsplit(" ", 1)[0] + " …"
+    if len(text) <= chars:
+        return text
+    head = text[:chars]
+    ends = [m.end() for m in re.finditer(r"[.!?。！？；]\s*|\s", head) if m.end() > chars // 2]
+    return head[:ends[-1]].rstrip() + " …" if ends else head + "…"
 
 
 # ----------------------------------------------------------------------------- question answering
@@ -201,11 +239,16 @@ def answer(model, kb, question: str, params, k: int = TOP_K, min_similarity: flo
 def best_span(kb, question: str, reply: str, sources: list[Source]) -> tuple[str | None, Source | None]:
     """The extractive answer: of all sentences in the sources, the one whose embedding is closest to the
     question (and the model's reply, if given) — an exact span of a document, never generated text. On
-    the shop benchmark the question alone picks the right sentence more often than with the reply."""
+    the shop benchmark the question alone picks the right sentence more often than with the reply. For
+    a Chinese question, the sentence holding most of its words (bigrams weigh two, characters one), the
+    cosine only breaking ties: all-MiniLM-L6-v2's cosine picks almost at random among Chinese sentences."""
     spans = [(s, sentence) for s in sources for sentence in sentences(s.text)]
     if not spans:
         return None, None
     vectors = kb.embed([(question + " " + reply).strip()] + [sentence for _, sentence in spans])
     scores = vectors[1:] @ vectors[0]
+    if mostly_chinese(question):
+        terms = query_terms(question)
+        scores = scores + 2 * np.array([sum(len(t) for t in terms if t in sentence.lower()) for _, sentence in spans])
     source, sentence = spans[int(scores.argmax())]
     return sentence, source

@@ -145,7 +145,7 @@ class _HTMLSections(HTMLParser):
     """Collects sections from HTML: headings open sections, block elements end paragraphs."""
 
     SKIP = {"script", "style", "nav", "noscript", "template", "svg", "head"}
-    BLOCKS = {"p", "div", "li", "ul", "ol", "br", "tr", "table", "blockquote", "pre", "dd", "dt", "dl",
+    BLOCKS = {"p", "div", "li", "ul", "ol", "tr", "table", "blockquote", "pre", "dd", "dt", "dl",
               "section", "article", "main", "header", "footer", "aside", "figure", "figcaption", "hr",
               "form", "fieldset", "address", "details", "summary", "body"}
     HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
@@ -172,6 +172,8 @@ class _HTMLSections(HTMLParser):
             self.skip += 1
         elif self.skip:
             return
+        elif tag == "br":
+            self.line_break()
         elif tag in self.HEADINGS:
             self.end_paragraph()
             self.heading, self.heading_level = [], self.HEADINGS[tag]
@@ -183,7 +185,9 @@ class _HTMLSections(HTMLParser):
                 self.pre += 1
 
     def handle_startendtag(self, tag, attrs):
-        if tag in self.BLOCKS and not self.skip:
+        if tag == "br" and not self.skip:
+            self.line_break()
+        elif tag in self.BLOCKS and not self.skip:
             self.end_paragraph()
 
     def handle_endtag(self, tag):
@@ -216,12 +220,23 @@ class _HTMLSections(HTMLParser):
         if self.heading is not None:
             self.heading.append(data)
         else:
-            self.words.append(data)
+            self.words.append(data if self.pre else data.replace("\n", " "))   # a newline in HTML is a space
+
+    def line_break(self):
+        """<br>: a line break inside the paragraph ("Saturday:<br>10 am to 4 pm" is one sentence, not two
+        paragraphs)."""
+        if self.heading is not None:
+            self.heading.append(" ")
+        else:
+            self.words.append("\n")
 
     def end_paragraph(self):
         raw = "".join(self.words)
         self.words = []
-        text = raw.strip("\n") if self.pre else " ".join(raw.split())
+        if self.pre:
+            text = raw.strip("\n")
+        else:   # the line breaks left are <br>s: each line's white space collapsed
+            text = "\n".join(" ".join(line.split()) for line in raw.split("\n") if line.strip())
         if text.strip() and text.strip() != "-":
             self.sections[-1][1].append(text)
 
@@ -265,12 +280,55 @@ def _read_pdf(data: bytes, source: str, path: Path) -> Document:
 
 # ----------------------------------------------------------------------------- passages
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
-SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+")
+# a full stop after one of these is not a sentence's end ("Sat. 10 am", "Dr. Lee", "5 p.m. on Sundays"); after
+# any other word it is, unless a digit follows ("No. 5")
+ABBREVIATIONS = ("Mr Mrs Ms Dr Prof St Mt Mon Tue Tues Wed Thu Thur Thurs Fri Sat Sun Jan Feb Mar Apr Jun Jul Aug "
+                 "Sep Sept Oct Nov Dec Tel Fig approx incl excl e.g i.e vs a.m p.m").split()
+_NOT_ABBREVIATION = "".join(rf"(?<!\b{re.escape(a)}\.)" for a in ABBREVIATIONS)
+_CLOSE = "\"'”’)\\]」』）"     # a closing quote or bracket after the stop stays with its sentence
+SENTENCE_END = re.compile(
+    rf"(?:(?<=[!?…])|(?<=\.){_NOT_ABBREVIATION}|(?<=[.!?…][{_CLOSE}]))\s+(?!\d)"      # . ! ? … then a space
+    rf"|(?:(?<=[。！？；])|(?<=[。！？；][{_CLOSE}]))(?![{_CLOSE}])\s*")                # 。！？； need none
+# a line that starts one of these begins a new block; any other line continues the one above (a wrapped line)
+BLOCK_START = re.compile(r"\s*(?:[-*+•]\s|\d{1,3}[.)]\s|#|>|\|)")
+HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# what Chinese and Japanese set without spaces: Han, kana, their punctuation and full-width forms
+UNSPACED = re.compile(r"[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
 
 def sentences(text: str) -> list[str]:
-    """The sentences of a text (a line break ends one too), each exactly as it stands in the text."""
-    return [s.strip() for line in text.split("\n") for s in SENTENCE_END.split(line) if len(s.strip()) > 1]
+    """The sentences of a text, each as it stands in the text except that a line break inside it reads as a
+    space: a blank line, a list item, heading, quote or table row ends a sentence, a wrapped line does not
+    (Markdown and PDF text break lines mid-sentence: "open from\n10 am to 4 pm" is one sentence)."""
+    return [s.strip() for block in _blocks(text) for s in SENTENCE_END.split(block) if len(s.strip()) > 1]
+
+
+def _blocks(text: str) -> list[str]:
+    """The paragraphs and list items of a text, each on one line: wrapped lines joined with a space (with
+    none between two Chinese characters or punctuation marks)."""
+    blocks = []
+    for paragraph in PARAGRAPH_BREAK.split(text):
+        lines = [line.strip() for line in paragraph.split("\n") if line.strip()]
+        for i, line in enumerate(lines):
+            if i == 0 or BLOCK_START.match(line):
+                blocks.append(line)
+            else:
+                unspaced = UNSPACED.match(blocks[-1][-1]) and UNSPACED.match(line[0])
+                blocks[-1] += ("" if unspaced else " ") + line
+    return blocks
+
+
+def han_share(text: str) -> float:
+    """How much of a text is Chinese: its Han characters over its Han characters plus its other words (a
+    run of letters or digits counts once, as a word weighs about what a character does); 0 with neither."""
+    han = len(HAN.findall(text))
+    words = len(re.findall(r"[^\W\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff_]+", text))
+    return han / (han + words) if han + words else 0.0
+
+
+def mostly_chinese(text: str) -> bool:
+    """Whether a text is Chinese: mostly Han characters, and no kana (Japanese writes Han characters too)."""
+    return han_share(text) > 0.5 and not re.search(r"[\u3040-\u30ff]", text)
 
 
 def split_passages(document: Document, max_chars: int = 800, overlap_chars: int = 150) -> list[Passage]:

@@ -23,7 +23,7 @@ from typing import Callable
 
 from ..backends import Generator
 from ..engine.sampling import SamplingParams
-from .documents import sentences
+from .documents import HAN, mostly_chinese, sentences
 
 
 @dataclass
@@ -46,12 +46,20 @@ SHORT_WORDS = 25
 WHOLE_SHORT = "Say in one sentence of at most {words} words what the following text is about. Reply with that sentence only."
 COMBINE_SHORT = ("The following are summaries of consecutive parts of one text, in order. Say in one sentence of at "
                  "most {words} words what the whole text is about. Reply with that sentence only.")
+# a Chinese text is summarized in Chinese, its length in characters: about two characters a word
+WHOLE_ZH = "用不超过{chars}个字概括下面的文字。只回复概括本身。"
+PART_ZH = "用不超过{chars}个字概括下面这段长文中的一部分。只回复概括本身。"
+COMBINE_ZH = "下面是同一篇文字各个连续部分的概括，按原文顺序排列。把它们合并成一段不超过{chars}个字的概括。只回复概括本身。"
+WHOLE_SHORT_ZH = "用一句不超过{chars}个字的话说明下面的文字讲的是什么。只回复这句话。"
+COMBINE_SHORT_ZH = ("下面是同一篇文字各个连续部分的概括，按原文顺序排列。用一句不超过{chars}个字的话说明整篇文字讲的是什么。"
+                    "只回复这句话。")
+CHARS_PER_WORD = 2
 MIN_PIECE_TOKENS = 16
 # what a reply may start with before the summary itself: "Sure! Here is a summary of the text:", "**Summary:**"
 _CHATTER = re.compile(r"^\s*(?:(?:sure|okay|ok|certainly)\b[!,.]?\s*)?"
                       r"(?:here(?:'s| is) [^:\n]{0,40}\bsummary\b[^:\n]{0,40}:\s*"
                       r"|[*_#\s]*(?:summary|tl;?dr)[*_\s]*:[*_\s]*)", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n")
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|(?<=[。！？；])|\n")
 
 
 def summary_tokens(words: int) -> int:
@@ -129,9 +137,10 @@ class _Job:
                  count_tokens: Callable[[str], int], answer_tokens: int):
         text = text.strip()
         short = words <= SHORT_WORDS
-        self.instructions = {name: _instruction(template, words, title) for name, template in
-                             (("whole", WHOLE_SHORT if short else WHOLE), ("part", PART),
-                              ("combine", COMBINE_SHORT if short else COMBINE))}
+        templates = ((WHOLE_SHORT_ZH if short else WHOLE_ZH, PART_ZH, COMBINE_SHORT_ZH if short else COMBINE_ZH)
+                     if mostly_chinese(text) else (WHOLE_SHORT if short else WHOLE, PART, COMBINE_SHORT if short else COMBINE))
+        self.instructions = {name: _instruction(template, words, title)
+                             for name, template in zip(("whole", "part", "combine"), templates)}
         self.budget = (context_tokens - max(count_tokens(i) for i in self.instructions.values()) - answer_tokens
                        - context_margin(context_tokens))
         if self.budget < MIN_PIECE_TOKENS:
@@ -182,7 +191,7 @@ class _Job:
 
 
 def _instruction(template: str, words: int, title: str | None) -> str:
-    instruction = template.format(words=words)
+    instruction = template.format(words=words, chars=CHARS_PER_WORD * words)
     return f"{instruction}\nTitle: {title}" if title else instruction
 
 
@@ -190,18 +199,27 @@ def _prompt(instruction: str, text: str) -> list[dict]:
     return [{"role": "user", "content": f"{instruction}\n\n{text}"}]
 
 
+def count_words(text: str) -> float:
+    """Words of a text: its space-separated words outside Han script, and a word per CHARS_PER_WORD Han
+    characters (Chinese has no spaces; a Chinese word is one to three characters)."""
+    han = len(HAN.findall(text))
+    return len(HAN.sub(" ", text).split()) + han / CHARS_PER_WORD
+
+
 def fit_words(text: str, words: int) -> str:
     """`text` within about `words` words: its whole sentences while they fit (small models overrun the
     length they are asked for), or, when even the first one is longer, its first `words` words."""
-    kept, count = [], 0
+    kept, count = [], 0.0
     for sentence in sentences(text):
-        n = len(sentence.split())
+        n = count_words(sentence)
         if count + n > words:
             break
         kept.append(sentence)
         count += n
     if kept:
-        return " ".join(kept)
+        return ("" if mostly_chinese(text) else " ").join(kept)
+    if mostly_chinese(text):
+        return text.strip()[:CHARS_PER_WORD * words]
     return " ".join(text.split()[:words])
 
 

@@ -15,7 +15,7 @@ from ..apps.assistant import MIN_SIMILARITY
 # ----------------------------------------------------------------------------- flags
 def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("-m", "--model", default=None,
-                   help="a Hugging Face folder, a .gguf file, or a packaged model name (default: smollm2); "
+                   help="a Hugging Face folder, a .gguf file, or a packaged model name (default: qwen2.5-coder-1.5b; smollm2 is small and quick); "
                         "or a LoRA adapter folder (its adapter_config.json names the base)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter folder (PEFT format, e.g. from `picochat sft --lora-rank`) to apply to -m")

@@ -6,7 +6,7 @@ HELP = "describe a model: architecture, parameters, dtypes, context, template"
 
 
 def add_arguments(p):
-    p.add_argument("model", nargs="?", default=None, help="folder, .gguf file or packaged name (default: smollm2)")
+    p.add_argument("model", nargs="?", default=None, help="folder, .gguf file or packaged name (default: qwen2.5-coder-1.5b)")
     p.add_argument("--system", action="store_true",
                    help="describe this machine instead: the CPU, the precision and kernels picochat chose and why")
 

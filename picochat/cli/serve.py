@@ -44,13 +44,13 @@ def run(args) -> int:
 def served_name(args) -> str:
     """The model id clients send: --model-name, a packaged model's name, or the file's or folder's name (an
     adapter's, with --adapter). Resolving the paths here fails fast on a bad one, before the server starts."""
-    from ..hub import DEFAULT_MODEL, PACKAGED, resolve
+    from ..hub import DEFAULT_MODEL, MODELS, resolve
     path = resolve(args.adapter) if args.adapter is not None else resolve(args.model)
     if args.adapter is not None and args.model is not None:
         resolve(args.model)
     if args.model_name:
         return args.model_name
-    if args.adapter is None and (args.model is None or args.model in PACKAGED):
+    if args.adapter is None and (args.model is None or args.model in MODELS):
         return args.model or DEFAULT_MODEL
     return path.stem if path.is_file() else path.name
 

@@ -4,7 +4,7 @@ lm-eval asks its three questions as Instance objects (loglikelihood: (context, c
 (text,); generate_until: (context, generation settings)). PicochatLM unpacks them and answers with
 backends.LocalModel on picochat's Engine, so the harness scores exactly what `picochat eval` scores.
 
-model_args: pretrained (a HF folder, a .gguf file or a packaged name; default smollm2), batch_size (sequences
+model_args: pretrained (a HF folder, a .gguf file or a packaged name; default qwen2.5-coder-1.5b), batch_size (sequences
 decoded together by generate_until), dtype (auto | float32 | bfloat16), max_gen_toks (default 256), seed (of
 sampled generations).
 

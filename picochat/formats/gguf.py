@@ -25,7 +25,7 @@ import torch
 
 from ..hw import check_memory
 from ..model.config import ConfigError, ModelConfig
-from ..quant.gguf_blocks import EXACT_TYPES, from_gguf
+from ..quant.gguf_blocks import EXACT_TYPES, decode
 from .gguf_reader import SUPPORTED_TENSOR_TYPES, GGUFError, GGUFHeader, GGUFTensorInfo, read_gguf_header, read_tensor
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2")
@@ -269,20 +269,19 @@ def _read_quantized(h: GGUFHeader, info: GGUFTensorInfo, f, tf):
         raise GGUFError(f"{h.path} is truncated: tensor {info.name!r} needs {info.n_bytes:,} bytes at offset "
                         f"{info.offset:,} but only {len(raw):,} could be read. Get the file again.")
     try:
-        m = from_gguf(info.type_name, np.frombuffer(raw, dtype=np.uint8), info.shape)
+        codes = decode(info.type_name, np.frombuffer(raw, dtype=np.uint8), info.shape)
     except Exception as e:
         raise GGUFError(f"{h.path}: could not read tensor {info.name!r} ({info.type_name}, shape "
                         f"{list(info.shape)}): {type(e).__name__}: {e}") from e
-    _, scale, mins = m.unpack()
-    if not (torch.isfinite(scale).all() and (mins is None or torch.isfinite(mins).all())):
+    if not codes.finite():
         return None  # scales beyond float16's range (or a corrupt tensor): read it as floats, which checks it
-    rows = None
+    n = info.shape[0]
     if tf and tf[0] == "unpermute":
-        rows = torch.from_numpy(_unpermute(np.arange(m.out_features)[:, None], tf[1])[:, 0].copy())
+        codes = codes.take_rows(_unpermute(np.arange(n)[:, None], tf[1])[:, 0])
     elif tf and tf[0] == "split":
-        n = m.out_features // tf[2]
-        rows = torch.arange(tf[1] * n, (tf[1] + 1) * n)
-    return m.take_rows(rows) if rows is not None else m
+        part = n // tf[2]
+        codes = codes.take_rows(np.arange(tf[1] * part, (tf[1] + 1) * part))
+    return codes.matrix()
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

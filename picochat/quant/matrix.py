@@ -38,34 +38,44 @@ def block_layout(bits: int, group: int, in_features: int, has_min: bool) -> dict
             "block_bytes": groups * group_bytes}
 
 
-def pack(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+def pack(codes, scale, mins, bits: int, group: int) -> torch.Tensor:
     """Integer codes [N, K] with float16 scale (and min) [N, ≥K/group] -> the kernel's packed uint8 blocks.
 
     Per block of ROWS rows and per group g of `group` inputs: scale[16] and min[16] as float16, then the
     codes as group/4 "B rows" of 64 bytes, B row j holding for each row n its codes of inputs g·G+4j..4j+3
     (byte 4n+i). 4-bit codes pair B rows 2t and 2t+1 in one 64 bytes: low and high nibbles.
+    The codes are moved as bytes, straight into the output (a GGUF's matrices convert at memory speed).
     """
+    codes = _code_bytes(torch.as_tensor(codes), bits)
     n, k = codes.shape
     lay = block_layout(bits, group, k, mins is not None)
-    groups = lay["groups"]
-    blocks = -(-n // ROWS)
-    full = torch.zeros(blocks * ROWS, groups * group, dtype=torch.int16)
-    full[:n, :k] = codes.to(torch.int16)
-    # (block, row, group, j, i) -> (block, group, j, row, i): B row j = the 4 codes (i) of every row
-    brows = full.view(blocks, ROWS, groups, group // 4, 4).permute(0, 2, 3, 1, 4).reshape(blocks, groups, group // 4, 64)
-    if bits == 4:
-        pairs = brows.view(blocks, groups, group // 8, 2, 64)
-        code_part = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).to(torch.uint8).reshape(blocks, groups, -1)
-    else:
-        code_part = brows.to(torch.int8).view(torch.uint8).reshape(blocks, groups, -1)
-    parts = []
+    groups, blocks = lay["groups"], -(-n // ROWS)
+    out = torch.empty(blocks, groups, lay["group_bytes"], dtype=torch.uint8)
+    offset = 0
     for values in (scale, mins):
         if values is None:
             continue
-        v = torch.zeros(blocks * ROWS, groups, dtype=torch.float16)
-        v[:n, :values.shape[1]] = values.to(torch.float16)
-        parts.append(v.view(blocks, ROWS, groups).transpose(1, 2).contiguous().view(torch.uint8))  # (b, g, 32)
-    return torch.cat(parts + [code_part], dim=2).reshape(blocks, -1).contiguous()
+        v = F.pad(torch.as_tensor(values).to(torch.float16), (0, groups - values.shape[1], 0, blocks * ROWS - n))
+        out[:, :, offset:offset + 32] = v.view(blocks, ROWS, groups).transpose(1, 2).contiguous().view(torch.uint8)
+        offset += 32
+    if (n, k) != (blocks * ROWS, groups * group):
+        codes = F.pad(codes, (0, groups * group - k, 0, blocks * ROWS - n))
+    # (block, row, group, j, i) -> (block, group, j, row, i): B row j = the 4 codes (i) of every row
+    brows = codes.view(blocks, ROWS, groups, group // 4, 4).permute(0, 2, 3, 1, 4)
+    if bits == 4:
+        pairs = brows.unflatten(2, (group // 8, 2))
+        target = out[:, :, offset:].unflatten(2, (group // 8, ROWS, 4))
+        target.copy_(pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4))
+    else:
+        out[:, :, offset:].unflatten(2, (group // 4, ROWS, 4)).copy_(brows)
+    return out.view(blocks, -1)
+
+
+def _code_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes as one byte each: 4-bit as uint8, 8-bit as the bytes of int8 (two's complement)."""
+    if bits == 4:
+        return codes if codes.dtype == torch.uint8 else codes.to(torch.uint8)
+    return (codes if codes.dtype == torch.int8 else codes.to(torch.int8)).view(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, group: int, in_features: int, out_features: int,

@@ -20,6 +20,7 @@ import torch
 from ..data.conversations import LoadStats, SFTStream, load_conversations, prepare_sft
 from ..formats.hf import load_hf_folder, save_hf_folder
 from ..formats.peft import read_adapter, write_adapter
+from ..hub import DEFAULT_MODEL
 from ..load import build_model, load
 from ..model.config import ModelConfig
 from ..model.gpt import GPT
@@ -96,7 +97,7 @@ def sft(base: str, data, config, lora: LoRAConfig | None = None, packing: str = 
     if loaded.tokenizer.chat_template is None:
         raise ValueError(f"{base}: the model's tokenizer has no chat template to render conversations with")
     # the adapter names its base: the exact checkpoint (a run folder's `latest` may move on), or a packaged name
-    base_name = str(loaded.path.resolve()) if base is not None and Path(base).exists() else (base or "smollm2")
+    base_name = str(loaded.path.resolve()) if base is not None and Path(base).exists() else (base or DEFAULT_MODEL)
     data_dir = out_dir / "data"
     seq_len = min(config.seq_len, model_config.max_seq_len)
     messages = [{"role": "user", "content": "Hello! What can you do?"}]

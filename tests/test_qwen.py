@@ -1,0 +1,73 @@
+"""The default model, Qwen2.5-Coder-1.5B-Instruct, as `picochat pull` installs it: read right (float32 logits
+equal transformers' own GGUF loader's), run right (the packed 4/8-bit path writes the same greedy text as
+float32), and answering Chinese in Chinese. Needs the 1.1 GB model and ~14 GB of memory: run with
+`python -m pytest tests/test_qwen.py --bigmodel` after `picochat pull`."""
+import re
+
+import pytest
+import torch
+
+from picochat import hub
+from picochat.engine.engine import Engine
+from picochat.engine.sampling import SamplingParams
+from picochat.load import load
+
+pytestmark = pytest.mark.bigmodel
+
+PROMPTS = [  # the parity prompts: English, Chinese, code
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "用一句话解释什么是自注意力机制。"}],
+    [{"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}],
+]
+
+
+@pytest.fixture(scope="module")
+def path():
+    try:
+        return hub.find_packaged("qwen2.5-coder-1.5b")
+    except hub.ModelNotFound as e:
+        pytest.fail(f"{e} (the --bigmodel checks need it)")
+
+
+@pytest.fixture(scope="module")
+def float32(path):
+    return load(str(path), dtype="float32", quantized=False, fuse=False)
+
+
+def greedy(loaded, messages, n=24) -> str:
+    engine = Engine(loaded.model, loaded.tokenizer)
+    return "".join(engine.generate(engine.chat_prompt(messages), SamplingParams(max_new_tokens=n, temperature=0)))
+
+
+def test_config_is_qwen2_1_5b(float32):
+    c = float32.model.config
+    assert (c.architecture, c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim) == ("qwen2", 28, 1536, 12, 2, 128)
+    assert (c.max_seq_len, c.vocab_size, c.qkv_bias, c.tie_word_embeddings) == (32768, 151936, True, False)
+    assert float32.tensor_types == {"Q4_K": 169, "F32": 141, "Q6_K": 29}
+
+
+def test_float32_logits_match_transformers(path, float32):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    for messages in PROMPTS:
+        ids = torch.tensor([float32.tokenizer.encode_chat(messages, add_generation_prompt=True)])
+        with torch.no_grad():
+            ours, _ = float32.model(ids)
+            theirs = hf(ids).logits
+        # ≤ 1e-4 of the logits' range: the same float32 weights, summed in another order
+        assert (ours - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
+        assert torch.equal(ours[0, -1].argmax(), theirs[0, -1].argmax())
+
+
+def test_packed_path_writes_float32s_greedy_text(path, float32):
+    packed = load(str(path))
+    assert packed.weights == "quantized"
+    for messages in PROMPTS:
+        assert greedy(packed, messages) == greedy(float32, messages)
+
+
+def test_a_chinese_question_is_answered_in_chinese(path):
+    loaded = load(str(path))
+    reply = greedy(loaded, [{"role": "user", "content": "中国的首都是哪个城市？请用中文回答。"}], n=30)
+    han = len(re.findall(r"[\u4e00-\u9fff]", reply))
+    assert "北京" in reply and han >= 0.5 * len(reply.replace(" ", "")), reply
