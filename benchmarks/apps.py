@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, log  # noqa: E402
+from common import cpu_model, log, one_request  # noqa: E402
 from sft_demo import FACTS, SYSTEM  # noqa: E402
 import shop_zh  # noqa: E402
 
@@ -406,20 +406,7 @@ def run_speed(engine: Engine) -> dict:
                "ask (grounded)": assistant.grounded_messages([{"role": "user", "content": grounding.query}], grounding),
                "summarize": [{"role": "user", "content": WHOLE_SHORT.format(words=12) + "\n\n" + page}],
                "code": [{"role": "user", "content": HUMANEVAL_CHAT_ASK + problem.prompt}]}
-    out = {}
-    for use, messages in prompts.items():
-        ids = engine.chat_prompt(messages)
-        runs = []
-        for _ in range(3):
-            engine.reset()
-            gen = engine.generate(ids, SamplingParams(max_new_tokens=64, temperature=0.0))
-            "".join(gen)
-            s = gen.stats
-            runs.append((s.time_to_first_token, s.completion_tokens / max(1e-9, s.decode_seconds)))
-        out[use] = {"prompt_tokens": len(ids), "ttft_s": sorted(r[0] for r in runs)[1],
-                    "prefill_tok_s": len(ids) / sorted(r[0] for r in runs)[1],
-                    "decode_tok_s": sorted(r[1] for r in runs)[1]}
-    return out
+    return {use: one_request(engine, engine.chat_prompt(messages)) for use, messages in prompts.items()}
 
 
 # ----------------------------------------------------------------------------- report

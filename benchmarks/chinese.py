@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, finish_report, log  # noqa: E402
+from common import cpu_model, finish_report, log, one_request  # noqa: E402
 
 from picochat.apps.codegen import generate_code_batch  # noqa: E402
 from picochat.apps.documents import han_share  # noqa: E402
@@ -133,16 +133,7 @@ def run_code(model: LocalModel) -> dict:
 def speed(engine: Engine) -> dict:
     """One request at a time, as one user waits: time to first token and decode tokens/s of a Chinese chat
     question (median of 3 runs)."""
-    ids = engine.chat_prompt([{"role": "user", "content": "请用三句话介绍一下长城。"}])
-    runs = []
-    for _ in range(3):
-        engine.reset()
-        gen = engine.generate(ids, SamplingParams(max_new_tokens=64, temperature=0.0))
-        "".join(gen)
-        s = gen.stats
-        runs.append((s.time_to_first_token, s.completion_tokens / max(1e-9, s.decode_seconds)))
-    ttft, tps = sorted(r[0] for r in runs)[1], sorted(r[1] for r in runs)[1]
-    return {"prompt_tokens": len(ids), "ttft_s": ttft, "decode_tok_s": tps}
+    return one_request(engine, engine.chat_prompt([{"role": "user", "content": "请用三句话介绍一下长城。"}]))
 
 
 def main(argv=None) -> int:

@@ -38,3 +38,20 @@ def finish_report(table: str, total_s: float, json_path: str | None, record: dic
     if json_path:
         with open(json_path, "w") as f:
             json.dump(record, f, indent=2)
+
+
+def one_request(engine, ids: list[int], runs: int = 3, new_tokens: int = 64) -> dict:
+    """Time to first token, prompt and decode tokens/s of one request at a time, as one user waits: the
+    median of `runs` greedy runs, the engine's prefix cache cleared before each."""
+    from picochat.engine.sampling import SamplingParams
+    ttft, decode = [], []
+    for _ in range(runs):
+        engine.reset()
+        gen = engine.generate(ids, SamplingParams(max_new_tokens=new_tokens, temperature=0.0))
+        "".join(gen)
+        ttft.append(gen.stats.time_to_first_token)
+        decode.append(gen.stats.completion_tokens / max(1e-9, gen.stats.decode_seconds))
+    first = sorted(ttft)[len(ttft) // 2]
+    return {"prompt_tokens": len(ids), "ttft_s": first, "prefill_tok_s": len(ids) / first,
+            "decode_tok_s": sorted(decode)[len(decode) // 2]}
+
