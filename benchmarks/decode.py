@@ -40,12 +40,13 @@ import torch
 
 import picochat
 from common import finish_report, log
+from workloads import WORKLOADS
 from picochat import hw, kernels
 from picochat.engine.batcher import Batcher
 from picochat.engine.engine import Engine
 from picochat.engine.sampling import SamplingParams
 from picochat.engine.session import ChatSession
-from picochat.hub import find_packaged
+from picochat.hub import MODELS, find_packaged
 from picochat.load import load
 from picochat.quant.tuning import compute_dtype
 
@@ -67,15 +68,22 @@ def median(xs):
 
 # ----------------------------------------------------------------------------- picochat
 class Picochat:
-    def __init__(self, path, args, float_weights=False):
-        self.path, self.args, self.float_weights = path, args, float_weights
+    def __init__(self, path, args, float_weights=False, draft="auto"):
+        self.path, self.args, self.float_weights, self.draft = path, args, float_weights, draft
 
     def load(self):
         self.engine = None
         gc.collect()
-        lm = load(str(self.path), quantized=not self.float_weights)
-        self.engine = Engine(lm.model, lm.tokenizer)
+        lm = load(str(self.path), quantized=not self.float_weights, draft=None if self.draft in ("ngram", "off") else "auto")
+        self.engine = Engine(lm.model, lm.tokenizer, draft=lm.draft, speculate=self.draft != "off",
+                             adapt_threads=self.args.adapt_threads)
         self.loaded = lm
+
+    def answer(self, ids, n):
+        """(tokens after the first, seconds after the first, tokens per pass) of one greedy answer."""
+        self.engine.reset()
+        gen = self.engine.complete(ids, SamplingParams(temperature=0, max_new_tokens=n))
+        return gen.stats.decode_steps, gen.stats.decode_seconds, gen.stats.tokens_per_pass
 
     def prefill(self, ids):
         self.engine.reset()
@@ -144,6 +152,20 @@ class LlamaCpp:
             if i + 1 == n:
                 break
         return (n - 1) / (times[-1] - times[0])
+
+    def answer(self, ids, n):
+        """(tokens after the first, seconds after the first, 1.0) of one greedy answer, to its end of turn."""
+        times = []
+        for tok in self.llm.generate(ids, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if tok in self.stop or len(times) == n:
+                break
+        return len(times) - 1, times[-1] - times[0], 1.0
+
+    @property
+    def stop(self):
+        return {self.llm.token_eos(), *(self.llm.tokenize(t.encode(), special=True)[0]
+                                        for t in ("<|im_end|>", "<|endoftext|>"))}
 
     def second_turn(self, tokenizer):
         """Time to the first token of the second turn, llama-cpp-python reusing its matching prefix."""
@@ -214,6 +236,78 @@ def bench(name, system, args, prompt_ids, chat_ids, tokenizer):
     return row
 
 
+def workloads(systems: dict, tokenizer, args) -> list[dict]:
+    """Decode speed on what people ask (workloads.py): each system answers every conversation of each workload
+    greedily (to its end of turn, at most --new-tokens); tokens after the first over seconds after the first,
+    all answers of a workload together, best of --repeats."""
+    rows = []
+    for name, make in systems.items():
+        system = make()
+        system.load()
+        row = {"system": name}
+        for workload, conversations in WORKLOADS.items():
+            best = (0.0, 1.0)
+            for _ in range(args.repeats):
+                tokens = seconds = passes = 0.0
+                for conversation in conversations:
+                    ids = tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+                    n, t, per_pass = system.answer(ids, args.new_tokens)
+                    tokens, seconds, passes = tokens + n, seconds + t, passes + n / per_pass
+                if tokens / seconds > best[0]:
+                    best = (tokens / seconds, tokens / passes)
+            row[workload], row[workload + "_per_pass"] = best
+            log(f"  {name} {workload}: {best[0]:.1f} tok/s, {best[1]:.2f} tokens a pass")
+        rows.append(row)
+        del system
+        gc.collect()
+    return rows
+
+
+def workload_table(rows) -> str:
+    ref = next((r for r in rows if r["system"] == "llama-cpp-python"), None)
+    names = list(WORKLOADS)
+    head = f"{'decode tok/s':<26}" + "".join(f"{w:>18}" for w in names)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = []
+        for w in names:
+            ratio = f" {r[w] / ref[w]:.2f}×" if ref and r is not ref else ""
+            cells.append(f"{r[w]:.1f}{ratio}")
+        lines.append(f"{r['system']:<26}" + "".join(f"{c:>18}" for c in cells))
+        if r.get("chat_per_pass", 1.0) != 1.0 or any(r.get(w + "_per_pass", 1.0) != 1.0 for w in names):
+            lines.append(f"{'  tokens per model pass':<26}" + "".join(f"{r[w + '_per_pass']:>18.2f}" for w in names))
+    return "\n".join(lines)
+
+
+def busy_machine(systems: dict, chat_ids, args) -> list[dict]:
+    """Decode speed while another process keeps one core busy (a Python busy loop), against the same idle."""
+    rows = []
+    for name, make in systems.items():
+        system = make()
+        system.load()
+        system.decode(chat_ids, 16)
+        idle = system.decode(chat_ids, args.new_tokens)
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(1.5)   # (picochat looks at the cores at most once a second)
+            busy = system.decode(chat_ids, args.new_tokens)
+        finally:
+            hog.kill()
+            hog.wait()
+        rows.append(dict(system=name, idle=idle, busy=busy))
+        log(f"  {name}: idle {idle:.1f} tok/s, one core busy {busy:.1f} tok/s")
+        del system
+        gc.collect()
+    return rows
+
+
+def busy_table(rows) -> str:
+    lines = [f"{'one core kept busy':<26}{'idle tok/s':>12}{'busy tok/s':>12}{'slowdown':>10}"]
+    for r in rows:
+        lines.append(f"{r['system']:<26}{r['idle']:>12.1f}{r['busy']:>12.1f}{r['idle'] / r['busy']:>9.1f}×")
+    return "\n".join(lines)
+
+
 def first_start(path) -> float:
     """picochat's load with an empty cache: convert the GGUF and write the packed folder."""
     with tempfile.TemporaryDirectory() as home:
@@ -277,19 +371,26 @@ def targets(rows, first_start_s) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a .gguf file (default: the packaged smollm2)")
+    p.add_argument("--model", default=None, help="a .gguf file or a packaged name (default: the packaged smollm2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--systems", nargs="+", default=["picochat", "llama-cpp-python"],
-                   choices=["picochat", "picochat-float", "llama-cpp-python"])
+                   choices=["picochat", "picochat-plain", "picochat-float", "llama-cpp-python"])
+    p.add_argument("--workloads", action="store_true",
+                   help="also decode speed on chat, grounded, summary, code and code-edit answers: picochat plain, "
+                        "with n-gram drafts, with its default drafts (the paired draft model), and llama-cpp-python")
+    p.add_argument("--busy", action="store_true", help="also decode speed with another process keeping one core busy")
+    p.add_argument("--only-extra", action="store_true", help="skip the main table (with --workloads / --busy)")
+    p.add_argument("--fixed-threads", dest="adapt_threads", action="store_false",
+                   help="picochat on --threads whatever the load (default: the cores other processes leave idle)")
     p.add_argument("--no-batch", dest="batch", action="store_false", help="skip the batch-8 measurement")
     p.add_argument("--no-rss", dest="rss", action="store_false", help="skip the chat processes' peak memory")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    path = find_packaged("smollm2") if args.model is None else Path(args.model)
+    path = find_packaged(args.model or "smollm2") if (args.model or "smollm2") in MODELS else Path(args.model)
     tokenizer = load(str(path)).tokenizer
     text_ids = tokenizer.encode(PARAGRAPH)
     prompt_ids = (text_ids * (args.prompt_tokens // len(text_ids) + 1))[:args.prompt_tokens]
@@ -304,11 +405,12 @@ def main():
             sys.exit("llama-cpp-python is not installed: pip install '.[bench]' (see the docstring for its build)")
 
     t0 = time.perf_counter()
-    first = first_start(path) if "picochat" in args.systems else None
+    first = first_start(path) if "picochat" in args.systems and not args.only_extra else None
     rows = []
-    for name in args.systems:
+    for name in [] if args.only_extra else args.systems:
         log(f"{name} ...")
         system = {"picochat": lambda: Picochat(path, args), "picochat-float": lambda: Picochat(path, args, True),
+                  "picochat-plain": lambda: Picochat(path, args, draft="off"),
                   "llama-cpp-python": lambda: LlamaCpp(path, args)}[name]()
         rows.append(bench(name, system, args, prompt_ids, chat_ids, tokenizer))
         del system
@@ -323,14 +425,28 @@ def main():
             elif r["system"] == "llama-cpp-python":
                 r["rss_mb"] = peak_rss_mb([sys.executable, "-c", RSS_LLAMA.format(turns=TURNS), str(path),
                                            str(args.threads)])
+    extra = ""
+    llama = {"llama-cpp-python": lambda: LlamaCpp(path, args)} if "llama-cpp-python" in args.systems else {}
+    if args.workloads:
+        log("workloads ...")
+        spec = workloads({"picochat, no drafts": lambda: Picochat(path, args, draft="off"),
+                          "picochat --draft ngram": lambda: Picochat(path, args, draft="ngram"),
+                          "picochat (default drafts)": lambda: Picochat(path, args), **llama}, tokenizer, args)
+        extra += "\n\n" + workload_table(spec)
+    if args.busy:
+        log("busy machine ...")
+        busy = busy_machine({"picochat, no drafts": lambda: Picochat(path, args, draft="off"), **llama}, chat_ids, args)
+        extra += "\n\n" + busy_table(busy)
     total = time.perf_counter() - t0
     print(f"\n{machine['cpu']} | picochat kernel {machine['kernel']} | torch {machine['torch']} | "
           f"llama-cpp-python {machine.get('llama_cpp_python', '-')}")
     print(f"{path.name}, batch 1, {args.threads} threads, greedy; prefill: {args.prompt_tokens}-token prompt; decode: "
           f"{args.new_tokens} new tokens from a {len(chat_ids)}-token chat prompt; medians of {args.repeats}\n")
-    finish_report(table(rows) + "\n" + targets(rows, first), total, args.json,
+    report = (table(rows) + "\n" + targets(rows, first) if rows else "") + extra
+    finish_report(report, total, args.json,
                   dict(machine=machine, args=vars(args), model=str(path), first_start_s=first, total_s=total,
-                       results=rows))
+                       results=rows, workloads=spec if args.workloads else None,
+                       busy=busy if args.busy else None))
 
 
 if __name__ == "__main__":

@@ -378,6 +378,19 @@ def _umask() -> int:
     return umask
 
 
+def paired_draft(path: Path) -> str | None:
+    """The known draft model paired with the known model at `path` (speculative decoding), if it is
+    installed here; None for any other model, or when the draft was not pulled."""
+    for model in MODELS.values():
+        if model.draft and path.name == model.filename:
+            try:
+                find_packaged(model.draft)
+            except ModelNotFound:
+                return None
+            return model.draft
+    return None
+
+
 def resolve(model: str | None) -> Path:
     """Turn a -m argument (None, a packaged name, a folder or a file) into a path on disk."""
     if model is None:

@@ -27,14 +27,27 @@ from .formats.hf import CheckpointError, load_hf_folder
 from .formats.packed import FORMAT, assemble, fill, is_packed_folder, load_packed, save_packed, split_state_dict
 from .formats.peft import merge_into_state_dict, read_adapter
 from .hub import (DEFAULT_EMBEDDING, EMBEDDING_MODELS, ModelNotFound, embedding_name, find_embedding,
-                  resolve_with_adapter)
+                  paired_draft, resolve_with_adapter)
 from .model.config import ModelConfig
 from .model.encoder import SentenceEncoder
 from .model.gpt import GPT
 from .paths import cache_dir
-from .quant.layers import fuse_linears, use_dense_rows
+from .quant.layers import (PROMPT_ACT_BITS, choose_prompt_bits, fuse_linears, use_dense_rows,
+                           use_prompt_activation_bits)
 from .quant.tuning import compute_dtype, dense_rows, resolve_dtype
 from .tokenizer.bpe import Tokenizer
+
+
+CONVERSION = 2   # what a cached conversion holds (2: its prompt precision); a new one converts again
+
+# Text whose prompt logits decide, once per converted model, whether its prompts may use 8-bit activations
+# (quant.layers.choose_prompt_bits): prose, code and Chinese, ~150 tokens.
+PRECISION_SAMPLE = ("The history of computing is a story of people finding ways to make machines do work that once "
+                    "required careful human attention. Early calculators could add and multiply, but each step had "
+                    "to be set by hand.\n\ndef merge(intervals):\n    intervals = sorted(intervals)\n    out = "
+                    "[list(intervals[0])]\n    for start, end in intervals[1:]:\n        if start <= out[-1][1]:\n"
+                    "            out[-1][1] = max(out[-1][1], end)\n        else:\n            out.append([start, end])"
+                    "\n    return out\n\n自注意力机制使得模型能够捕捉长距离依赖关系，书店位于杭州市西湖区文三路。")
 
 
 @dataclass
@@ -49,10 +62,12 @@ class LoadedModel:
     dtype: torch.dtype = torch.float32            # of activations and float weights
     dtype_reason: str = ""                        # why this dtype (auto: what was measured on this CPU)
     from_cache: bool = False                      # loaded from the converted-model cache (a second start)
+    draft: GPT | None = None                      # a smaller model of the same tokenizer, for speculative decoding
+    draft_path: Path | None = None
 
 
 def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool = True, fuse: bool = True,
-         cache: bool = True) -> LoadedModel:
+         cache: bool = True, draft: str | None = "auto") -> LoadedModel:
     """Load a model and its tokenizer from a -m argument (see hub.resolve), ready to generate.
 
     dtype: "auto" (what is fastest on this CPU, see quant.tuning.compute_dtype), "float32", "bfloat16" or a
@@ -62,6 +77,9 @@ def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool =
     compiled kernel is available; False expands them to float. fuse: q/k/v and gate/up become one matrix
     each (for generation; pass fuse=False, quantized=False to train, merge or save the model).
     cache: a converted GGUF is kept in picochat's cache as a packed folder, so the next start maps it.
+    draft: the model that drafts tokens for speculative decoding (LoadedModel.draft; Engine(..., draft=)):
+    "auto" is the known model's paired draft when it is installed (Qwen2.5-Coder-1.5B: the 0.5B), a -m
+    argument names one, None loads none.
 
     adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to fold
     into the base model's weights (the base then loads as float). A -m pointing at an adapter folder (or
@@ -77,7 +95,17 @@ def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool =
     else:
         cached = _load_cached(path, fuse, act, why) if keep_quantized and cache and path.is_file() else None
         loaded = cached or _convert(path, adapter, keep_quantized, act, why, fuse, cache)
-    return _set_up_for_this_cpu(loaded, fuse)
+    loaded = _set_up_for_this_cpu(loaded, fuse)
+    if draft == "auto":
+        draft = paired_draft(path) if adapter is None and fuse else None
+    if draft is not None:
+        drafter = load(draft, dtype, quantized=quantized, cache=cache, draft=None)
+        if drafter.tokenizer.vocab_size != loaded.tokenizer.vocab_size or \
+                drafter.model.config.vocab_size != loaded.model.config.vocab_size:
+            raise ValueError(f"the draft model {drafter.path} has another tokenizer than {loaded.path}: a draft "
+                             "must share the model's vocabulary")
+        loaded.draft, loaded.draft_path = drafter.model, drafter.path
+    return loaded
 
 
 def _activation_dtype(dtype, keep_quantized: bool) -> tuple[torch.dtype, str]:
@@ -105,6 +133,7 @@ def _load_packed_folder(path: Path, adapter, act, why) -> LoadedModel:
         raise RuntimeError(f"{path} is a packed (quantized) model, which needs picochat's compiled kernel: "
                            f"{kernels.status().get('error', '')}")
     net, tokenizer, gen, qc = load_packed(path, act)
+    use_prompt_activation_bits(net, qc.get("prompt_act_bits", PROMPT_ACT_BITS))
     return LoadedModel(net, tokenizer, path, "packed", qc.get("tensor_types", {}), gen, "quantized", act, why)
 
 
@@ -118,6 +147,7 @@ def _load_cached(path: Path, fuse: bool, act, why) -> LoadedModel | None:
     except (CheckpointError, ValueError, OSError):
         shutil.rmtree(cached, ignore_errors=True)  # a stale or damaged entry: convert again
         return None
+    use_prompt_activation_bits(net, qc.get("prompt_act_bits", PROMPT_ACT_BITS))
     return LoadedModel(net, tokenizer, path, "gguf", qc.get("tensor_types", {}), gen, "quantized", act, why,
                        from_cache=True)
 
@@ -141,9 +171,13 @@ def _convert(path: Path, adapter, keep_quantized: bool, act, why, fuse: bool, ca
     net = assemble(config, tensors, specs, act, str(path)) if specs else build_model(config, sd, act, str(path))
     if fuse:
         fuse_projections(net)
+    extra = {"tensor_types": types}
+    if specs and kernels.available():
+        extra["prompt_act_bits"] = choose_prompt_bits(net, tokenizer.encode(PRECISION_SAMPLE))
+        use_prompt_activation_bits(net, extra["prompt_act_bits"])
     if specs and fuse and cache and path.is_file():
         try:
-            save_packed(net, tokenizer, _cached_conversion(path, fuse, create=True), gen, {"tensor_types": types})
+            save_packed(net, tokenizer, _cached_conversion(path, fuse, create=True), gen, extra)
         except OSError:
             pass  # a read-only cache: convert again next time
     return LoadedModel(net, tokenizer, path, fmt, types, gen, "quantized" if specs else "float", act, why)
@@ -197,7 +231,7 @@ def _cached_conversion(path: Path, fuse: bool, create: bool = False) -> Path | N
         index[ident] = digest
         index_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(index_path, lambda p: Path(p).write_text(json.dumps(index, indent=1)))
-    return cache_dir() / "packed" / f"{digest}-{FORMAT}-v{__version__}{'' if fuse else '-unfused'}"
+    return cache_dir() / "packed" / f"{digest}-{FORMAT}-v{__version__}-c{CONVERSION}{'' if fuse else '-unfused'}"
 
 
 # ----------------------------------------------------------------------------- the sentence encoder

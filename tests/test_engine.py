@@ -58,9 +58,12 @@ class ScriptedModel(torch.nn.Module):
     def forward(self, idx, kv_cache=None, last_only=False):
         if kv_cache.length == 0:
             self.prompt_len = idx.shape[1]
-        kv_cache.lengths += idx.shape[1]
-        logits = torch.zeros(1, 1, self.config.vocab_size)
-        logits[0, 0, self.script[kv_cache.length - self.prompt_len]] = 1.0
+        T = idx.shape[1]
+        kv_cache.lengths += T
+        rows = 1 if last_only else T   # row j scores the position after fed token j
+        logits = torch.zeros(1, rows, self.config.vocab_size)
+        for j in range(rows):
+            logits[0, j, self.script[kv_cache.length - rows + j + 1 - self.prompt_len]] = 1.0
         return logits, None
 
 

@@ -33,9 +33,9 @@ def random_matrix(n, k, bits, group, has_min, seed=0) -> QuantizedMatrix:
     return QuantizedMatrix.from_codes(codes, scale, mins, bits, group)
 
 
-def emulate(x: torch.Tensor, m: QuantizedMatrix) -> torch.Tensor:
+def emulate(x: torch.Tensor, m: QuantizedMatrix, act_bits: int = 15) -> torch.Tensor:
     """What the kernel computes, written out: x as two 8-bit planes per group, x ≈ xs·(xq + xr/254), integer
-    dot products with the codes, then Σ_g scale·xs/254·Σ(254·xq + xr)·q + min·Σx."""
+    dot products with the codes, then Σ_g scale·xs/254·Σ(254·xq + xr)·q + min·Σx (act_bits 8: xr = 0)."""
     codes, scale, mins = m.unpack()
     n, k = codes.shape
     kp, g = matrix.padded(k), m.group
@@ -43,7 +43,7 @@ def emulate(x: torch.Tensor, m: QuantizedMatrix) -> torch.Tensor:
     xs = xp.abs().amax(-1) / 127
     f = xp * torch.where(xs > 0, 1 / xs, 0)[..., None]
     xq = torch.round(f)
-    xr = torch.round((f - xq) * 254)
+    xr = torch.round((f - xq) * 254) if act_bits == 15 else torch.zeros_like(xq)
     cp = F.pad(codes, (0, kp - k)).view(n, -1, g).double()
     dots = torch.einsum("mgk,ngk->mng", (254 * xq + xr).double(), cp)      # exact integers
     y = (dots * scale.double()[None] * (xs.double() / 254)[:, None]).sum(-1)
@@ -52,8 +52,9 @@ def emulate(x: torch.Tensor, m: QuantizedMatrix) -> torch.Tensor:
     return y.float()
 
 
-def run_kernel(x, m: QuantizedMatrix):
-    return torch.ops.picochat.qlinear(x, m.packed, m.bits, m.group, m.in_features, m.out_features, m.has_min)
+def run_kernel(x, m: QuantizedMatrix, act_bits: int = 15):
+    return torch.ops.picochat.qlinear(x, m.packed, m.bits, m.group, m.in_features, m.out_features, m.has_min,
+                                      act_bits)
 
 
 # ----------------------------------------------------------------------------- the layout
@@ -128,9 +129,11 @@ def test_kernel_equals_an_exact_emulation_of_its_arithmetic(bits, has_min, group
     for i, (tokens, n, k) in enumerate(SHAPES):
         m = random_matrix(n, k, bits, group, has_min, seed=i)
         x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(i))
-        want = emulate(x, m)
-        got = run_kernel(x, m)
-        assert ((got - want).norm() / want.norm()).item() < 1e-5, (tokens, n, k)
+        for act_bits in (15, 8):   # two activation planes, or one (a prompt, where a model allows it)
+            want = emulate(x, m, act_bits)
+            got = run_kernel(x, m, act_bits)
+            assert ((got - want).norm() / want.norm()).item() < 1e-5, (tokens, n, k, act_bits)
+        assert not torch.equal(run_kernel(x, m, 8), run_kernel(x, m, 15))
 
 
 @needs_kernel
@@ -211,7 +214,7 @@ def test_every_instruction_set_path_computes_the_same(march, isa, flag, tmp_path
 
 
 # ----------------------------------------------------------------------------- whole models
-from picochat.load import load  # noqa: E402
+from picochat.load import PRECISION_SAMPLE, load  # noqa: E402
 from picochat.engine.engine import Engine  # noqa: E402
 from picochat.engine.sampling import SamplingParams  # noqa: E402
 from picochat.formats.packed import save_packed  # noqa: E402
@@ -260,8 +263,12 @@ def test_a_quantized_gguf_model_computes_what_its_float_twin_does(tiny_files, ar
     assert not any(isinstance(m, layers.QLinear) for m in f.model.modules())
     idx = torch.randint(0, q.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        got, _ = q.model(idx)
         want, _ = f.model(idx)
+        layers.use_prompt_activation_bits(q.model, 8)
+        fast, _ = q.model(idx)            # a prompt's products with 8-bit activations: llama.cpp's precision
+        assert relative_error(fast, want) < 0.1 and (fast.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+        layers.use_prompt_activation_bits(q.model, 15)
+        got, _ = q.model(idx)             # two planes, as decoding: dequantize-then-multiply's numbers
         assert relative_error(got, want) < 1e-3
         cache = q.model.new_kv_cache(2, 32)           # the same with a KV cache, a token at a time at the end
         q.model(idx[:, :20], kv_cache=cache)
@@ -316,6 +323,18 @@ def test_smollm2_quantized_and_fused_answers_like_float32(smollm2_path):
             la, lb = q.model(torch.tensor([ids]))[0][0], f.model(torch.tensor([ids]))[0][0]
         assert relative_error(la, lb) < 1e-3                    # the same weights, ~15-bit activations
         assert (la.argmax(-1) == lb.argmax(-1)).float().mean() > 0.99
+
+
+@needs_kernel
+def test_prompt_precision_is_chosen_per_model_by_measurement(smollm2_path):
+    """8-bit activations for prompts only where the model's next-token distributions barely move: SmolLM2-135M
+    moves too much (KL ~0.02 nats) and keeps ~15 bits; the choice is stored with the cached conversion."""
+    q = load(str(smollm2_path), cache=False)
+    assert q.model.lm_head.prompt_act_bits == 15
+    ids = q.tokenizer.encode(PRECISION_SAMPLE)
+    assert layers.choose_prompt_bits(q.model, ids) == 15
+    assert layers.choose_prompt_bits(q.model, ids, max_kl=1.0) == 8     # a tolerance it meets
+    assert all(m.prompt_act_bits == 15 for m in q.model.modules() if isinstance(m, layers.QLinear))
 
 
 # ----------------------------------------------------------------------------- the decoder's other kernels

@@ -71,3 +71,21 @@ def test_a_chinese_question_is_answered_in_chinese(path):
     reply = greedy(loaded, [{"role": "user", "content": "中国的首都是哪个城市？请用中文回答。"}], n=30)
     han = len(re.findall(r"[\u4e00-\u9fff]", reply))
     assert "北京" in reply and han >= 0.5 * len(reply.replace(" ", "")), reply
+
+
+def test_speculative_decoding_writes_what_plain_decoding_writes(path):
+    """Greedy with drafts from the paired 0.5B (forced every round) and from n-grams equals plain greedy, token
+    for token, on answers that copy their prompt and answers that do not."""
+    quantized = load(str(path))
+    assert quantized.draft is not None, "pull qwen2.5-coder-0.5b too: it is the 1.5B's paired draft"
+    engines = {"plain": Engine(quantized.model, quantized.tokenizer, speculate=False),
+               "model": Engine(quantized.model, quantized.tokenizer, draft=quantized.draft, draft_tokens=4),
+               "default": Engine(quantized.model, quantized.tokenizer, draft=quantized.draft)}
+    code = "def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n"
+    prompts = PROMPTS + [[{"role": "user", "content": f"Add type hints to this code and return all of it:\n{code}"}]]
+    params = SamplingParams(max_new_tokens=48, temperature=0)
+    for messages in prompts:
+        ids = engines["plain"].chat_prompt(messages)
+        out = {name: e.complete(ids, params) for name, e in engines.items()}
+        assert out["model"].token_ids == out["plain"].token_ids == out["default"].token_ids, messages
+        assert out["model"].stats.drafted.get("model", 0) > 0

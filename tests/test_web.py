@@ -93,19 +93,21 @@ class ScriptedModel(torch.nn.Module):
     def forward(self, idx, kv_cache=None, last_only=False):
         B, T = idx.shape
         history = kv_cache.k[0][:, 0, :, 0]  # (rows, positions): the token fed at each position
-        logits = torch.full((B, 1, self.config.vocab_size), -1e9)  # certain at any temperature
+        rows = 1 if last_only else T          # row j: the next token after fed token j
+        logits = torch.full((B, rows, self.config.vocab_size), -1e9)  # certain at any temperature
         picked = []
         for b in range(B):
             start = int(kv_cache.lengths[b])
             history[b, start:start + T] = idx[b].float()
-            tokens = history[b, :start + T].long().tolist()
-            if self.assistant not in tokens:  # a long prompt's first chunks: nothing to say yet
-                continue
-            prompt_end = len(tokens) - tokens[::-1].index(self.assistant)  # just after the last <|assistant|>
-            script = self.pick(tokens[:prompt_end])
-            step = len(tokens) - prompt_end
-            logits[b, 0, self.scripts[script][min(step, len(self.scripts[script]) - 1)]] = 0.0
-            picked.append(script)
+            for j in range(rows):
+                tokens = history[b, :start + T - rows + j + 1].long().tolist()
+                if self.assistant not in tokens:  # a long prompt's first chunks: nothing to say yet
+                    continue
+                prompt_end = len(tokens) - tokens[::-1].index(self.assistant)  # just after the last <|assistant|>
+                script = self.pick(tokens[:prompt_end])
+                step = len(tokens) - prompt_end
+                logits[b, j, self.scripts[script][min(step, len(self.scripts[script]) - 1)]] = 0.0
+                picked.append(script)
         kv_cache.lengths += T
         time.sleep(max((self.delays[s] for s in picked), default=0.0))
         return logits, None

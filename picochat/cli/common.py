@@ -23,8 +23,14 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="compute dtype; auto (default) picks what is fastest on this CPU (`picochat info --system`)")
     p.add_argument("--dequantize", action="store_true",
                    help="expand a GGUF's quantized weights to --dtype floats instead of running them as integers")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print tokens/s and time to first token")
+    p.add_argument("--draft", default="auto", metavar="MODEL|ngram|off",
+                   help="speculative decoding: guesses checked several at a time, the same output faster. auto "
+                        "(default): the model's paired draft if installed (qwen2.5-coder-1.5b: the 0.5B) and "
+                        "n-grams of the text so far; MODEL: another draft model (-m syntax, same tokenizer); "
+                        "ngram: only n-grams; off: one token per step")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores other programs leave idle, checked every second)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print tokens/s, time to first token and how many drafted tokens were kept")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -84,14 +90,19 @@ def open_engine(args):
     if not kernels.is_built():
         print("[building picochat's CPU kernels for this machine: once, about 30 s ...]", file=sys.stderr)
     t0 = time.perf_counter()
-    loaded = load(args.model, dtype=args.dtype, adapter=args.adapter, quantized=not args.dequantize)
+    draft = getattr(args, "draft", "auto")
+    loaded = load(args.model, dtype=args.dtype, adapter=args.adapter, quantized=not args.dequantize,
+                  draft=None if draft in ("ngram", "off") else draft)
     if args.verbose:
         m = loaded.model
+        drafting = f", drafts from {loaded.draft_path.name} and n-grams" if loaded.draft is not None else \
+            {"off": ", no speculative decoding"}.get(draft, ", drafts from n-grams")
         print(f"[loaded {loaded.path} ({loaded.format}, {m.config.architecture}, {m.config.n_layer} layers, "
               f"{loaded.weights} weights, {str(loaded.dtype).removeprefix('torch.')} activations"
-              f"{', from the cache' if loaded.from_cache else ''}) in {time.perf_counter() - t0:.2f} s]",
+              f"{', from the cache' if loaded.from_cache else ''}{drafting}) in {time.perf_counter() - t0:.2f} s]",
               file=sys.stderr)
-    return Engine(loaded.model, loaded.tokenizer)
+    return Engine(loaded.model, loaded.tokenizer, draft=loaded.draft, speculate=draft != "off",
+                  adapt_threads=not args.threads)
 
 
 def backend(args, progress=None, extra_body: dict | None = None):
@@ -109,8 +120,16 @@ def print_stats(gen):
     s = gen.stats
     cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
     print(f"[{s.prompt_tokens} prompt tokens{cached} at {s.prefill_tokens_per_s:.0f} tok/s, first token "
-          f"{s.time_to_first_token:.2f} s | {s.completion_tokens} tokens at {s.tokens_per_s:.1f} tok/s | "
-          f"finish: {gen.finish_reason}]", file=sys.stderr)
+          f"{s.time_to_first_token:.2f} s | {s.completion_tokens} tokens at {s.tokens_per_s:.1f} tok/s"
+          f"{drafts_line(s)} | finish: {gen.finish_reason}]", file=sys.stderr)
+
+
+def drafts_line(stats) -> str:
+    """', 2.1 tokens a pass (drafted: model 40/52 kept, ngram 10/31)' — what speculative decoding did."""
+    if not stats.drafted:
+        return ""
+    kept = ", ".join(f"{source} {stats.accepted[source]}/{n} kept" for source, n in stats.drafted.items())
+    return f", {stats.tokens_per_pass:.1f} tokens a pass (drafted: {kept})"
 
 
 def stream(gen, verbose) -> bool:

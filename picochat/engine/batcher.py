@@ -23,6 +23,7 @@ from .prefill import PREFILL_CHUNK, prefill_chunk
 from .rows import RowCache
 from . import sampling
 from .sampling import SamplingParams
+from .speculative import Speculation
 
 
 class QueueFull(RuntimeError):
@@ -38,6 +39,7 @@ class Request:
     error: str | None = None                              # set when it must end with this error at the next step
     fed: int = 0                                          # prompt tokens in its cache row so far
     ended: bool = False                                   # its end event has been sent (exactly once)
+    speculation: Speculation | None = None                # its drafts, once it has decoded alone
 
 
 class Batcher:
@@ -172,6 +174,7 @@ class Batcher:
                 if self._closed:
                     return
             self._run_calls()
+            self.engine.share_cores()
             try:
                 self._expire()
                 self.admit()
@@ -271,8 +274,34 @@ class Batcher:
     @torch.inference_mode()
     def decode_step(self):
         """One token for every decoding request: one forward pass, one batched sample; finished requests
-        leave the decoding rows (their caches kept)."""
+        leave the decoding rows (their caches kept). A request decoding alone decodes speculatively."""
         n = len(self.active)
+        if n == 1 and self.prefilling is None and self.engine.speculate:
+            self._speculate(self.active[0])
+        else:
+            self._decode_all(n)
+        for i in reversed(range(len(self.active))):
+            request = self.active[i]
+            if request.gen.done or request.cancelled or request.error:
+                self._leave(i)
+                self._end(request)
+
+    def _speculate(self, request: Request):
+        """One speculative round for the only decoding request (row 0): its drafts checked in one pass."""
+        gen = request.gen
+        if request.speculation is None:
+            request.speculation = self.engine.speculation(gen)
+        produced = len(gen.token_ids)
+        try:
+            for piece in request.speculation.round(self.engine.model, gen, self.rows.rows(0, 1), self.rows.ids[0]):
+                self._emit(request, piece)
+        except Exception as e:
+            request.error = f"{type(e).__name__}: {e}"
+        self.tokens_generated += max(1, len(gen.token_ids) - produced)
+        self.decode_steps += 1
+
+    def _decode_all(self, n: int):
+        """One token for each of the n decoding rows."""
         fed = [r.gen.last_token for r in self.active]
         logits = self._decode_logits(fed)
         tokens = self._sample(logits)
@@ -286,11 +315,6 @@ class Batcher:
                 request.error = f"{type(e).__name__}: {e}"
         self.tokens_generated += n
         self.decode_steps += 1
-        for i in reversed(range(n)):
-            request = self.active[i]
-            if request.gen.done or request.cancelled or request.error:
-                self._leave(i)
-                self._end(request)
 
     def _leave(self, i: int):
         """Take decoding row i out of the decoding block: the last decoding row moves into its place."""

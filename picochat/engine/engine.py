@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from ..hw import IdleCores
 from ..model.gpt import GPT, KVCache
 from ..tokenizer.bpe import Tokenizer
 from .generation import Generation
 from .prefill import PREFILL_CHUNK, prefill_chunk, reusable_prefix
 from .sampling import SamplingParams, TokenLogprob, token_logprob
+from .speculative import ModelDrafter, PassCosts, Speculation, weight_bytes
 
 
 class Engine:
@@ -25,12 +27,31 @@ class Engine:
 
     It keeps the KV cache of its last generation: a prompt that extends it (a chat's next turn) computes
     only its new tokens. The model's weights must not change while an Engine reuses its cache (`reset()`).
+
+    It decodes speculatively (speculative.py): guesses from `draft`, a smaller model with the same
+    tokenizer (load() gives a model's paired draft as LoadedModel.draft), and from the text so far, checked
+    in one forward pass each round; the output is what plain decoding gives. speculate=False decodes
+    one token per pass; draft_tokens fixes the guesses per round (default: as many as pay, measured as it
+    decodes). It computes on as many threads as there are cores other processes leave idle
+    (adapt_threads=False: on torch's thread count as it is).
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, prefill_chunk: int = PREFILL_CHUNK,
+                 draft: GPT | None = None, speculate: bool = True, draft_tokens: int | None = None,
+                 adapt_threads: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
+        if draft is not None and draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
+                             f"model's ({model.config.vocab_size}): a draft must share the model's tokenizer")
+        self.drafter = ModelDrafter(draft) if draft is not None and speculate else None
+        self.speculate = speculate
+        self.draft_tokens = draft_tokens   # guesses per round; None: as many as the measured costs say pay
+        # measured as it decodes: how far drafting pays here (a draft step: its share of bytes, until measured)
+        self.pass_costs = PassCosts(weight_bytes(draft) / weight_bytes(model) if draft is not None else 0.5)
+        # computes on the cores other processes leave idle (hw.IdleCores), unless told a thread count
+        self.cores = IdleCores() if adapt_threads else None
         self._cache: KVCache | None = None   # the last generation's keys and values ...
         self._cached_ids: list[int] = []     # ... for these tokens
 
@@ -124,10 +145,20 @@ class Engine:
         self._cache, self._cached_ids = None, []  # held by this generation until it ends
         return cache, reuse
 
+    def share_cores(self):
+        """Compute on the cores other processes leave idle (checked at most once a second)."""
+        if self.cores is not None:
+            self.cores.update()
+
+    def speculation(self, gen: Generation) -> Speculation:
+        """How `gen` decodes: with the draft model and prompt lookup, or (speculate=False) plainly."""
+        return Speculation(self.drafter, self.speculate, gen.prompt_ids, self.pass_costs, fixed=self.draft_tokens)
+
     @torch.inference_mode()
     def stream(self, gen: Generation):
         """Run `gen` (what iterating it does): prefill what is not cached, then decode, yielding text pieces."""
         gen.begin()
+        self.share_cores()
         ids = gen.prompt_ids
         cache, done = self._cache_for(ids, len(ids) + gen.max_new, scoring=gen.params.prompt_logprobs is not None)
         gen.stats.cached_tokens = done
@@ -136,15 +167,17 @@ class Engine:
             while len(fed) < len(ids):
                 logits = prefill_chunk(self.model, gen, cache, len(fed), self.prefill_chunk)
                 fed = ids[:len(fed) + self.prefill_chunk]
-            while not gen.prompt_only():
+            if not gen.prompt_only():
                 row = logits[0, -1]
                 piece = gen.accept(gen.next_token(row), row)
                 if piece:
                     yield piece
-                if gen.done:
-                    break
-                logits, _ = self.model(torch.tensor([[gen.last_token]]), kv_cache=cache, last_only=True)
-                fed.append(gen.last_token)
+                rounds = self.speculation(gen)
+                while not gen.done:  # a round feeds the last token (and any guesses) and keeps 1 or more
+                    self.share_cores()
+                    for piece in rounds.round(self.model, gen, cache, fed):
+                        if piece:
+                            yield piece
             tail = gen.finish()
             if tail:
                 yield tail

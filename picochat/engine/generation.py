@@ -15,7 +15,7 @@ Generation through the same public steps:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,8 +31,11 @@ class GenerationStats:
     completion_tokens: int = 0
     time_to_first_token: float = 0.0    # seconds from the call to the first sampled token (includes prefill)
     decode_seconds: float = 0.0         # time spent after the first token
-    decode_steps: int = 0               # forward passes after the first token
+    decode_steps: int = 0               # tokens after the first
     total_seconds: float = 0.0
+    model_passes: int = 0               # forward passes after the first token (fewer than tokens when drafts
+    drafted: dict = field(default_factory=dict)    # are kept); guesses drafted, by source ("model", "ngram"),
+    accepted: dict = field(default_factory=dict)   # and how many of them the model kept
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -44,6 +47,11 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         """Decode speed: tokens after the first, per second (what llama.cpp calls eval speed)."""
         return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens per forward pass of the model while decoding (1.0 without speculative decoding)."""
+        return self.decode_steps / self.model_passes if self.model_passes else 1.0
 
 
 class Generation:

@@ -73,15 +73,29 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
                 seen: list[torch.Tensor | None] | None = None) -> list[int]:
     """Pick the next token of each row of (rows, vocab) logits, all rows in a few tensor operations.
 
-    Greedy rows take the argmax. Sampled rows divide by their temperature; top-k keeps the k most likely
-    tokens; top-p (nucleus) keeps the smallest set whose probability reaches p. Both are computed on the
-    TOP_CANDIDATES most likely tokens instead of sorting the whole vocabulary: that is exact whenever those
-    candidates hold probability p (a row where they do not is sorted in full). Each row draws its uniform
-    number from its own generator (seeded requests are reproducible whatever else is in the batch).
+    Greedy rows take the argmax. Sampled rows draw from `distributions` with a uniform number from their
+    own generator (seeded requests are reproducible whatever else is in the batch).
     Raises ValueError when a row's scores hold NaN (a broken model or weights).
     """
+    logits = penalised(logits, params, seen)
+    tokens = logits.max(dim=-1).indices.tolist()  # (max is ~3× faster than argmax on the CPU; same first index)
+    rows = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
+    if not rows:
+        return tokens
+    ids, probs = distributions(logits[rows], [params[b] for b in rows])
+    u = torch.stack([torch.rand(1, generator=generators[b]) for b in rows])  # (rows, 1)
+    cumulative = probs.cumsum(-1)
+    choice = (cumulative < u * cumulative[:, -1:]).sum(-1).clamp_(max=probs.shape[-1] - 1)
+    picked = ids.gather(1, choice[:, None])[:, 0] if ids is not None else choice
+    for b, token in zip(rows, picked.tolist()):
+        tokens[b] = token
+    return tokens
+
+
+def penalised(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor | None] | None = None
+              ) -> torch.Tensor:
+    """(rows, vocab) logits as float32 with each row's repetition penalty applied; ValueError on NaN."""
     logits = logits.float()
-    n, vocab = logits.shape
     broken = torch.isnan(logits).any(dim=-1)
     if bool(broken.any()):
         raise ValueError(f"the model's scores for row(s) {broken.nonzero()[:, 0].tolist()} are NaN")
@@ -90,31 +104,43 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
         for b, s in enumerate(seen):
             if s is not None and params[b].repetition_penalty != 1.0:
                 logits[b] = apply_repetition_penalty(logits[b], s, params[b].repetition_penalty)
-    tokens = logits.max(dim=-1).indices.tolist()  # (max is ~3× faster than argmax on the CPU; same first index)
-    rows = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
-    if not rows:
-        return tokens
-    z = logits[rows] / torch.tensor([[params[b].temperature] for b in rows])
-    top_k = torch.tensor([params[b].top_k for b in rows])
-    top_p = torch.tensor([params[b].top_p for b in rows])
-    truncated = bool(((top_k > 0) | (top_p < 1)).any())
-    if truncated:
-        k = min(vocab, max(TOP_CANDIDATES, int(top_k.max())))
-        ids, probs = _candidates(z, top_k, k)
-        short = (top_k == 0) & (top_p < 1) & (probs.sum(-1) < top_p)  # the nucleus reaches past the candidates
-        if bool(short.any()) and k < vocab:
-            ids, probs = _candidates(z, top_k, vocab)
-        before = probs.cumsum(-1) - probs                                  # mass of the more likely tokens
-        probs = probs.masked_fill(before >= top_p[:, None], 0.0)
-    else:
-        ids, probs = None, torch.softmax(z, dim=-1)
-    u = torch.stack([torch.rand(1, generator=generators[b]) for b in rows])  # (rows, 1)
-    cumulative = probs.cumsum(-1)
-    choice = (cumulative < u * cumulative[:, -1:]).sum(-1).clamp_(max=probs.shape[-1] - 1)
-    picked = ids.gather(1, choice[:, None])[:, 0] if ids is not None else choice
-    for b, token in zip(rows, picked.tolist()):
-        tokens[b] = token
-    return tokens
+    return logits
+
+
+def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What sampled rows (temperature > 0) draw from: (ids, probs), probs[b, i] the (unnormalised where
+    truncated) probability of token ids[b, i]; ids None when probs covers the whole vocabulary in order.
+
+    Each row is divided by its temperature; top-k keeps the k most likely tokens; top-p (nucleus) keeps
+    the smallest set whose probability reaches p. Both are computed on the TOP_CANDIDATES most likely
+    tokens instead of sorting the whole vocabulary: that is exact whenever those candidates hold
+    probability p (a row where they do not is sorted in full).
+    """
+    vocab = logits.shape[-1]
+    z = logits / torch.tensor([[p.temperature] for p in params])
+    top_k = torch.tensor([p.top_k for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+    if not bool(((top_k > 0) | (top_p < 1)).any()):
+        return None, torch.softmax(z, dim=-1)
+    k = min(vocab, max(TOP_CANDIDATES, int(top_k.max())))
+    ids, probs = _candidates(z, top_k, k)
+    short = (top_k == 0) & (top_p < 1) & (probs.sum(-1) < top_p)  # the nucleus reaches past the candidates
+    if bool(short.any()) and k < vocab:
+        ids, probs = _candidates(z, top_k, vocab)
+    before = probs.cumsum(-1) - probs                                  # mass of the more likely tokens
+    return ids, probs.masked_fill(before >= top_p[:, None], 0.0)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The (vocab,) distribution the next token is drawn from under `params`, normalised: one-hot on the
+    argmax when greedy (what speculative decoding checks a drafted token against)."""
+    row = penalised(logits[None], [params], [seen])
+    if params.temperature < MIN_TEMPERATURE:
+        return torch.nn.functional.one_hot(row.max(dim=-1).indices[0], row.shape[-1]).float()
+    ids, probs = distributions(row, [params])
+    if ids is not None:
+        probs = torch.zeros_like(row).scatter_(1, ids, probs)
+    return probs[0] / probs[0].sum()
 
 
 def _candidates(z: torch.Tensor, top_k: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,11 @@ import torch
 from ..hw import cpu_flags
 from ..paths import cache_dir
 
+# Passes of at most this many tokens per row (decoding, checking drafted tokens) compute as decoding does:
+# the integer kernel for every product, the decode attention kernel a query at a time, so a token's
+# numbers do not depend on what else the pass holds.
+DECODE_TOKENS = 16
+
 SOURCE = Path(__file__).with_name("ops.cpp")
 HEADER = Path(__file__).with_name("qmatmul.h")  # the integer kernel's arithmetic, included by ops.cpp
 _lock = threading.Lock()

@@ -2,7 +2,7 @@
 //   picochat::qlinear, picochat::dequantize   matrix products with 4/8-bit integer weights (the arithmetic,
 //                                             and what it computes, is in qmatmul.h)
 //   picochat::rms_norm, picochat::rope,       steps of the decoder (model.py's RMSNorm, apply_rope, and its
-//   picochat::decode_attention                attention for one new token per row), each one pass over memory
+//   picochat::decode_attention                attention for the new tokens of each row), each one pass over memory
 //                                             instead of several PyTorch operations: generating a token calls
 //                                             each of them 30-60 times
 //   picochat::isa                             which instruction set this build uses
@@ -35,15 +35,20 @@ Weights check_weights(const char* op, const at::Tensor& packed, int64_t bits, in
 }
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t group, int64_t in_features,
-                   int64_t out_features, bool has_min) {
+                   int64_t out_features, bool has_min, int64_t act_bits) {
+  TORCH_CHECK(act_bits == 8 || act_bits == 15, "picochat::qlinear: act_bits must be 8 or 15, got ", act_bits);
   const Weights W = check_weights("picochat::qlinear", packed, bits, group, in_features, out_features, has_min);
   TORCH_CHECK(x.size(-1) == in_features, "picochat::qlinear: x has ", x.size(-1), " features, the weight ", in_features);
   const at::Tensor x2 = x.reshape({-1, W.K}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   at::Tensor y = at::empty({M, W.N}, x2.options());
   if (M > 0) {
-    if (bits == 4) qmatmul<4>(x2.data_ptr<float>(), M, W, y.data_ptr<float>(), AtenParallelFor{});
-    else qmatmul<8>(x2.data_ptr<float>(), M, W, y.data_ptr<float>(), AtenParallelFor{});
+    const float* xp = x2.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    if (bits == 4 && act_bits == 15) qmatmul<4, true>(xp, M, W, yp, AtenParallelFor{});
+    else if (bits == 4) qmatmul<4, false>(xp, M, W, yp, AtenParallelFor{});
+    else if (act_bits == 15) qmatmul<8, true>(xp, M, W, yp, AtenParallelFor{});
+    else qmatmul<8, false>(xp, M, W, yp, AtenParallelFor{});
   }
   auto out_shape = x.sizes().vec();
   out_shape.back() = W.N;
@@ -177,39 +182,45 @@ inline float dot(const float* a, const float* b, int64_t D) {  // 16 independent
 // One new token per row: write its key and value at position pos[b] of the cache, then
 // Attention(Q, K, V) = softmax(Q·Kᵀ / √d) · V over keys 0..pos[b] of that row (each row its own length).
 // q (B, H, 1, D); k, v (B, KV, 1, D); caches (B, KV, L, D) with any row stride; H a multiple of KV.
+// Attention for T new tokens per row (decoding: T = 1; checking drafted tokens: a few), appending their keys
+// and values at positions pos[b] .. pos[b] + T − 1. Query t of row b sees keys 0 .. pos[b] + t, and is
+// computed exactly as it would be alone (the same loops): a pass over drafted tokens gives decoding's numbers.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache,
                             at::Tensor v_cache, const at::Tensor& pos) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat, "picochat::decode_attention: q (B, H, 1, D) float32");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k_cache.size(1), L = k_cache.size(2);
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat, "picochat::decode_attention: q (B, H, T, D) float32");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k_cache.size(1), L = k_cache.size(2);
   TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.size(0) == B &&
               k_cache.size(3) == D && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && H % KV == 0,
               "picochat::decode_attention: caches (B, KV, L, D) float32, contiguous rows");
-  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.size(1) == KV && k.size(3) == D &&
-              k.stride(3) == 1 && v.stride(3) == 1, "picochat::decode_attention: k, v (B, KV, 1, D) float32");
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.size(1) == KV && k.size(2) == T &&
+              k.size(3) == D && v.size(2) == T && k.stride(3) == 1 && v.stride(3) == 1,
+              "picochat::decode_attention: k, v (B, KV, T, D) float32");
   const at::Tensor positions = pos.to(at::kLong).contiguous();
   const int64_t* pp = positions.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(pp[b] >= 0 && pp[b] < L, "picochat::decode_attention: the KV cache is full");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] + T <= L, "picochat::decode_attention: the KV cache is full");
   float* kcp = k_cache.data_ptr<float>();
   float* vcp = v_cache.data_ptr<float>();
   const int64_t ksb = k_cache.stride(0), ksh = k_cache.stride(1), ksl = k_cache.stride(2);
   const int64_t vsb = v_cache.stride(0), vsh = v_cache.stride(1), vsl = v_cache.stride(2);
   for (int64_t b = 0; b < B; ++b)  // append this step's keys and values
-    for (int64_t g = 0; g < KV; ++g) {
-      std::memcpy(kcp + b * ksb + g * ksh + pp[b] * ksl, k.data_ptr<float>() + b * k.stride(0) + g * k.stride(1),
-                  D * sizeof(float));
-      std::memcpy(vcp + b * vsb + g * vsh + pp[b] * vsl, v.data_ptr<float>() + b * v.stride(0) + g * v.stride(1),
-                  D * sizeof(float));
-    }
+    for (int64_t g = 0; g < KV; ++g)
+      for (int64_t t = 0; t < T; ++t) {
+        std::memcpy(kcp + b * ksb + g * ksh + (pp[b] + t) * ksl,
+                    k.data_ptr<float>() + b * k.stride(0) + g * k.stride(1) + t * k.stride(2), D * sizeof(float));
+        std::memcpy(vcp + b * vsb + g * vsh + (pp[b] + t) * vsl,
+                    v.data_ptr<float>() + b * v.stride(0) + g * v.stride(1) + t * v.stride(2), D * sizeof(float));
+      }
   const at::Tensor qc = q.contiguous();
-  at::Tensor y = at::empty({B, H, 1, D}, q.options());
+  at::Tensor y = at::empty({B, H, T, D}, q.options());
   const float* qp = qc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float scale = 1.f / std::sqrt((float)D);
-  at::parallel_for(0, B * H, 4, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * H * T, 4, [&](int64_t i0, int64_t i1) {
     std::vector<float> acc(D);
-    std::vector<float> p(*std::max_element(pp, pp + B) + 1);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / (H / KV), n = pp[b] + 1;
+    std::vector<float> p(*std::max_element(pp, pp + B) + T);
+    for (int64_t i = i0; i < i1; ++i) {  // i = (b · H + h) · T + t
+      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T, g = h / (H / KV), n = pp[b] + t + 1;
       const float* qr = qp + i * D;
       const float* kr = kcp + b * ksb + g * ksh;
       const float* vr = vcp + b * vsb + g * vsh;
@@ -237,8 +248,8 @@ std::string isa() { return isa_name(); }
 }  // namespace
 
 TORCH_LIBRARY(picochat, m) {
-  m.def("qlinear(Tensor x, Tensor packed, int bits, int group, int in_features, int out_features, bool has_min) "
-        "-> Tensor");
+  m.def("qlinear(Tensor x, Tensor packed, int bits, int group, int in_features, int out_features, bool has_min, "
+        "int act_bits=15) -> Tensor");
   m.def("dequantize(Tensor packed, int bits, int group, int in_features, int out_features, bool has_min, "
         "ScalarType dtype, Tensor? rows=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

@@ -133,7 +133,7 @@ struct Activations {
 constexpr float RESIDUAL = 254.f;  // xr's scale: xs / 254
 
 inline void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t G, int8_t* xq, int8_t* xr, float* xs,
-                         float* xsum, float* xqsum) {
+                         float* xsum, float* xqsum, bool resid = true) {
   for (int64_t g = 0; g < Kp / G; ++g) {
     const int64_t k0 = g * G, k1 = std::min(k0 + G, K);
     float amax = 0.f, total = 0.f;
@@ -170,7 +170,7 @@ inline void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t G, int8_
     }
     xs[g] = d;
     xsum[g] = total;
-    xqsum[g] = d * ((float)sum_q + (float)sum_r / RESIDUAL);
+    xqsum[g] = d * ((float)sum_q + (resid ? (float)sum_r / RESIDUAL : 0.f));
   }
 }
 
@@ -181,7 +181,7 @@ inline __m512i combine(__m512i d, __m512i r) {  // 254 · d + r
   return _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(d, 8), _mm512_slli_epi32(d, 1)), r);
 }
 
-template <int BITS, int T>
+template <int BITS, int T, bool RESID>
 inline void block_dot(const Weights& W, const uint8_t* block, const Activations& a, int64_t m0, float out[T][R]) {
   const __m512i nib = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
   __m512 acc[T];
@@ -203,9 +203,11 @@ inline void block_dot(const Weights& W, const uint8_t* block, const Activations&
         for (int t = 0; t < T; ++t) {
           const int64_t x = x0 + t * a.Kp + pair * 8;
           d[t] = _mm512_dpbusd_epi32(d[t], lo, _mm512_set1_epi32(load4(a.xq.data() + x)));
-          e[t] = _mm512_dpbusd_epi32(e[t], lo, _mm512_set1_epi32(load4(a.xr.data() + x)));
           d[t] = _mm512_dpbusd_epi32(d[t], hi, _mm512_set1_epi32(load4(a.xq.data() + x + 4)));
-          e[t] = _mm512_dpbusd_epi32(e[t], hi, _mm512_set1_epi32(load4(a.xr.data() + x + 4)));
+          if (RESID) {
+            e[t] = _mm512_dpbusd_epi32(e[t], lo, _mm512_set1_epi32(load4(a.xr.data() + x)));
+            e[t] = _mm512_dpbusd_epi32(e[t], hi, _mm512_set1_epi32(load4(a.xr.data() + x + 4)));
+          }
         }
       }
     } else {  // vpdpbusd wants unsigned × signed: flip the codes to q + 128 (taken off below)
@@ -214,14 +216,14 @@ inline void block_dot(const Weights& W, const uint8_t* block, const Activations&
         for (int t = 0; t < T; ++t) {
           const int64_t x = x0 + t * a.Kp + j * 4;
           d[t] = _mm512_dpbusd_epi32(d[t], b, _mm512_set1_epi32(load4(a.xq.data() + x)));
-          e[t] = _mm512_dpbusd_epi32(e[t], b, _mm512_set1_epi32(load4(a.xr.data() + x)));
+          if (RESID) e[t] = _mm512_dpbusd_epi32(e[t], b, _mm512_set1_epi32(load4(a.xr.data() + x)));
         }
       }
     }
     for (int t = 0; t < T; ++t) {
       const int64_t i = (m0 + t) * a.groups + g;
-      const __m512 dot = _mm512_cvtepi32_ps(combine(d[t], e[t]));
-      acc[t] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sr, _mm512_set1_ps(a.xs[i])), acc[t]);
+      const __m512 dot = _mm512_cvtepi32_ps(RESID ? combine(d[t], e[t]) : d[t]);
+      acc[t] = _mm512_fmadd_ps(dot, _mm512_mul_ps(RESID ? sr : s, _mm512_set1_ps(a.xs[i])), acc[t]);
       acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.xsum[i]), acc[t]);
       if (BITS == 8) acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(128.f)), _mm512_set1_ps(a.xqsum[i]), acc[t]);
     }
@@ -239,7 +241,7 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-template <int BITS, int T>
+template <int BITS, int T, bool RESID>
 inline void block_dot(const Weights& W, const uint8_t* block, const Activations& a, int64_t m0, float out[T][R]) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
   __m256 acc[T][2];  // rows 0-7, 8-15
@@ -264,9 +266,11 @@ inline void block_dot(const Weights& W, const uint8_t* block, const Activations&
           for (int t = 0; t < T; ++t) {
             const int64_t x = x0 + t * a.Kp + pair * 8;
             d[t][h] = _mm256_add_epi32(d[t][h], dot_u8s8(lo, _mm256_set1_epi32(load4(a.xq.data() + x))));
-            e[t][h] = _mm256_add_epi32(e[t][h], dot_u8s8(lo, _mm256_set1_epi32(load4(a.xr.data() + x))));
             d[t][h] = _mm256_add_epi32(d[t][h], dot_u8s8(hi, _mm256_set1_epi32(load4(a.xq.data() + x + 4))));
-            e[t][h] = _mm256_add_epi32(e[t][h], dot_u8s8(hi, _mm256_set1_epi32(load4(a.xr.data() + x + 4))));
+            if (RESID) {
+              e[t][h] = _mm256_add_epi32(e[t][h], dot_u8s8(lo, _mm256_set1_epi32(load4(a.xr.data() + x))));
+              e[t][h] = _mm256_add_epi32(e[t][h], dot_u8s8(hi, _mm256_set1_epi32(load4(a.xr.data() + x + 4))));
+            }
           }
         }
       }
@@ -287,17 +291,18 @@ inline void block_dot(const Weights& W, const uint8_t* block, const Activations&
             xr = _mm256_sign_epi8(xr, w);
 #endif
             d[t][h] = _mm256_add_epi32(d[t][h], dot_u8s8(u, xq));
-            e[t][h] = _mm256_add_epi32(e[t][h], dot_u8s8(u, xr));
+            if (RESID) e[t][h] = _mm256_add_epi32(e[t][h], dot_u8s8(u, xr));
           }
         }
       }
     }
     for (int t = 0; t < T; ++t) {
       const int64_t i = (m0 + t) * a.groups + g;
-      const __m256 xs = _mm256_set1_ps(a.xs[i] / RESIDUAL), xsum = _mm256_set1_ps(a.xsum[i]);
+      const __m256 xs = _mm256_set1_ps(RESID ? a.xs[i] / RESIDUAL : a.xs[i]), xsum = _mm256_set1_ps(a.xsum[i]);
       for (int h = 0; h < 2; ++h) {
-        const __m256i both = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(d[t][h], 8),
-                                                               _mm256_slli_epi32(d[t][h], 1)), e[t][h]);
+        const __m256i both = RESID ? _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(d[t][h], 8),
+                                                                       _mm256_slli_epi32(d[t][h], 1)), e[t][h])
+                                   : d[t][h];
         acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), _mm256_mul_ps(s[h], xs), acc[t][h]);
         acc[t][h] = _mm256_fmadd_ps(mn[h], xsum, acc[t][h]);
 #if defined(__AVXVNNI__)
@@ -314,7 +319,7 @@ inline void block_dot(const Weights& W, const uint8_t* block, const Activations&
 }
 
 #else  // plain C++: any CPU
-template <int BITS, int T>
+template <int BITS, int T, bool RESID>
 inline void block_dot(const Weights& W, const uint8_t* block, const Activations& a, int64_t m0, float out[T][R]) {
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) out[t][r] = 0.f;
@@ -333,9 +338,10 @@ inline void block_dot(const Weights& W, const uint8_t* block, const Activations&
           const int64_t j = k / 4, q4 = k % 4;
           const int32_t q = BITS == 4 ? (j % 2 == 0 ? c[j / 2 * 64 + r * 4 + q4] & 0x0F : c[j / 2 * 64 + r * 4 + q4] >> 4)
                                       : (int32_t)(int8_t)c[j * 64 + r * 4 + q4];
-          d += q * (254 * xq[k] + xr[k]);
+          d += q * (RESID ? 254 * xq[k] + xr[k] : xq[k]);
         }
-        out[t][r] += (float)d * (half_to_float(s[r]) * (a.xs[i] / RESIDUAL)) + (mn ? half_to_float(mn[r]) * a.xsum[i] : 0.f);
+        out[t][r] += (float)d * (half_to_float(s[r]) * (RESID ? a.xs[i] / RESIDUAL : a.xs[i])) +
+                     (mn ? half_to_float(mn[r]) * a.xsum[i] : 0.f);
       }
     }
   }
@@ -343,16 +349,17 @@ inline void block_dot(const Weights& W, const uint8_t* block, const Activations&
 #endif
 
 // ------------------------------------------------------------------------------------------ the product
-template <int BITS, int T>
+template <int BITS, int T, bool RESID>
 inline void run_block(const Weights& W, int64_t b, const Activations& a, int64_t m0, float* y) {
   float out[T][R];
-  block_dot<BITS, T>(W, W.data + b * W.block_bytes, a, m0, out);
+  block_dot<BITS, T, RESID>(W, W.data + b * W.block_bytes, a, m0, out);
   const int64_t n0 = b * R, valid = std::min<int64_t>(R, W.N - n0);  // the last block's padding rows dropped
   for (int t = 0; t < T; ++t) std::memcpy(y + (m0 + t) * W.N + n0, out[t], valid * sizeof(float));
 }
 
-// y[M, N] = x[M, K] · Wᵀ; parallel_for(begin, end, grain, fn) splits loops over threads.
-template <int BITS, typename ParallelFor>
+// y[M, N] = x[M, K] · Wᵀ; parallel_for(begin, end, grain, fn) splits loops over threads. RESID: the
+// activations as two 8-bit planes (~15 bits); false: one plane, as llama.cpp (half the integer work).
+template <int BITS, bool RESID, typename ParallelFor>
 void qmatmul(const float* x, int64_t M, const Weights& W, float* y, const ParallelFor& parallel_for) {
   Activations a;
   a.M = M;
@@ -367,7 +374,7 @@ void qmatmul(const float* x, int64_t M, const Weights& W, float* y, const Parall
     for (int64_t m = m0; m < m1; ++m) {
       const int64_t o = m * W.groups;
       quantize_row(x + m * W.K, W.K, W.Kp, W.G, a.xq.data() + m * W.Kp, a.xr.data() + m * W.Kp, a.xs.data() + o,
-                   a.xsum.data() + o, a.xqsum.data() + o);
+                   a.xsum.data() + o, a.xqsum.data() + o, RESID);
     }
   });
   // each task takes a run of whole blocks: one sequential stream of weights
@@ -378,11 +385,11 @@ void qmatmul(const float* x, int64_t M, const Weights& W, float* y, const Parall
 #endif
     for (int64_t b = b0; b < b1; ++b) {
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) run_block<BITS, 4>(W, b, a, m, y);
+      for (; m + 4 <= M; m += 4) run_block<BITS, 4, RESID>(W, b, a, m, y);
       switch (M - m) {
-        case 3: run_block<BITS, 3>(W, b, a, m, y); break;
-        case 2: run_block<BITS, 2>(W, b, a, m, y); break;
-        case 1: run_block<BITS, 1>(W, b, a, m, y); break;
+        case 3: run_block<BITS, 3, RESID>(W, b, a, m, y); break;
+        case 2: run_block<BITS, 2, RESID>(W, b, a, m, y); break;
+        case 1: run_block<BITS, 1, RESID>(W, b, a, m, y); break;
         default: break;
       }
     }

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import DECODE_TOKENS
 from .config import ModelConfig
 
 
@@ -137,9 +138,10 @@ class Attention(nn.Module):
             if rope is not None:
                 cos, sin = rope
                 q, k = apply_rope(q, cos, sin, self.cpu_kernels), apply_rope(k, cos, sin, self.cpu_kernels)
-        if cache is not None and T == 1 and _kernel_ok(x, self.cpu_kernels):  # generating, one token per row: the compiled
-            y = torch.ops.picochat.decode_attention(    # kernel appends k, v and computes the formula below
-                q, k, v, cache.k[self.layer], cache.v[self.layer], cache.lengths)
+        if cache is not None and T <= DECODE_TOKENS and _kernel_ok(x, self.cpu_kernels):
+            # generating: the compiled kernel appends k, v and computes the formula below for each new token
+            # as if it came alone (a pass checking drafted tokens computes exactly what decoding them would)
+            y = torch.ops.picochat.decode_attention(q, k, v, cache.k[self.layer], cache.v[self.layer], cache.lengths)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if cache is not None:  # append this step's keys/values, then attend over everything held
             ck, cv = cache.k[self.layer], cache.v[self.layer]

@@ -16,8 +16,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels import DECODE_TOKENS
 from .matrix import QuantizedMatrix, quantize
 from .tuning import dense_rows
+
+
+# A product of more than DECODE_TOKENS rows (a prompt) may quantize its activations to one 8-bit plane, as
+# llama.cpp does for every product: such products are bound by arithmetic, and the second plane doubles it
+# (a 512-token prompt of Qwen2.5-Coder-1.5B: 150 vs 97 tok/s on 2 Zen 4 cores). Whether a model tolerates it
+# is measured once per model (choose_prompt_bits: Qwen2.5-Coder yes, SmolLM2-135M no); the default is
+# both planes. Decoding, and checking drafted tokens, always keep both (~15 bits): bound by memory, they
+# get the precision for free.
+PROMPT_ACT_BITS = 15
 
 
 class QLinear(nn.Module):
@@ -31,19 +41,23 @@ class QLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dense_rows: int | None = None      # products of at least this many rows go dense (None: never)
         self.dense_dtype = torch.float32        # ... expanding the weights to this dtype (see use_dense_rows)
+        self.prompt_act_bits = PROMPT_ACT_BITS  # activation bits of products of many rows (see above)
 
     @property
     def matrix(self) -> QuantizedMatrix:
         return QuantizedMatrix(self.qweight, self.bits, self.group, self.in_features, self.out_features, self.has_min)
 
     def forward(self, x):
-        if self.dense_rows is not None and x.numel() >= self.dense_rows * self.in_features:
+        rows = x.numel() // self.in_features
+        # (up to DECODE_TOKENS rows — decoding, checking drafted tokens — always the kernel: the same numbers)
+        if self.dense_rows is not None and rows >= max(self.dense_rows, DECODE_TOKENS + 1):
             w = torch.ops.picochat.dequantize(self.qweight, self.bits, self.group, self.in_features, self.out_features,
                                               self.has_min, self.dense_dtype)
             y = F.linear(x.to(self.dense_dtype), w).to(x.dtype)
-        else:
+        else:  # decoding: ~15-bit activations (free: bound by memory); a prompt: 8-bit, half the arithmetic
+            act_bits = 15 if rows <= DECODE_TOKENS else self.prompt_act_bits
             y = torch.ops.picochat.qlinear(x, self.qweight, self.bits, self.group, self.in_features,
-                                           self.out_features, self.has_min)
+                                           self.out_features, self.has_min, act_bits)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -119,6 +133,32 @@ def use_dense_rows(model: nn.Module, rows: int | None, dtype: torch.dtype = torc
         if isinstance(module, QLinear):
             module.dense_rows, module.dense_dtype = rows, dtype
     return model
+
+
+def use_prompt_activation_bits(model: nn.Module, bits: int) -> nn.Module:
+    """Quantize the activations of prompt-sized products (more than DECODE_TOKENS rows) to 8 bits (llama.cpp's
+    precision, half the arithmetic) or 15 (two planes: what decoding uses, dequantize-then-multiply's numbers)."""
+    if bits not in (8, 15):
+        raise ValueError(f"prompt activation bits must be 8 or 15, got {bits}")
+    for module in model.modules():
+        if isinstance(module, QLinear):
+            module.prompt_act_bits = bits
+    return model
+
+
+@torch.inference_mode()
+def choose_prompt_bits(model: nn.Module, ids: list[int], max_kl: float = 0.01) -> int:
+    """8 if the model's next-token distributions over the prompt `ids` with 8-bit activations stay within
+    `max_kl` nats (mean KL divergence) of those with ~15 bits, else 15. Measured once per model when it is
+    converted (on PRECISION_SAMPLE: Qwen2.5-Coder-1.5B 0.004, its 0.5B 0.0007, SmolLM2-135M 0.024)."""
+    x = torch.tensor([ids])
+    logp = {}
+    for bits in (15, 8):
+        use_prompt_activation_bits(model, bits)
+        logp[bits] = torch.log_softmax(model(x)[0][0].float(), dim=-1)
+    use_prompt_activation_bits(model, PROMPT_ACT_BITS)
+    kl = (logp[15].exp() * (logp[15] - logp[8])).sum(-1).mean().item()   # KL(p15 ‖ p8), per position
+    return 8 if kl <= max_kl else 15
 
 
 @contextlib.contextmanager

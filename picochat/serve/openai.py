@@ -225,7 +225,8 @@ def usage_of(gen: Generation) -> Usage:
 def timings_of(gen: Generation) -> Timings:
     s = gen.stats
     return Timings(time_to_first_token_ms=round(s.time_to_first_token * 1000, 2),
-                   tokens_per_second=round(s.tokens_per_s, 2))
+                   tokens_per_second=round(s.tokens_per_s, 2), draft_n=sum(s.drafted.values()),
+                   draft_n_accepted=sum(s.accepted.values()), tokens_per_pass=round(s.tokens_per_pass, 2))
 
 
 def retrieval_of(grounding: assistant.Grounding | None) -> Retrieval | None:

@@ -275,6 +275,9 @@ class Timings(_Response):
     """picochat's extension on a non-streamed chat reply, as llama.cpp's server has one."""
     time_to_first_token_ms: float
     tokens_per_second: float
+    draft_n: int = 0                 # speculative decoding (llama-server's names): tokens drafted ...
+    draft_n_accepted: int = 0        # ... and how many of them the model kept
+    tokens_per_pass: float = 1.0     # tokens decoded per forward pass of the model
 
 
 class RetrievalSource(_Response):
