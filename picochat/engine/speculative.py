@@ -1,7 +1,8 @@
 """Speculative decoding: guess the next tokens cheaply, check all the guesses in one forward pass.
 
 Decoding one token reads every weight of the model once; on a CPU that is bound by memory, so a forward
-pass over k+1 tokens costs little more than over one. A drafter proposes k tokens — a small model of the
+pass over k+1 tokens costs less than k+1 passes over one (how much less depends on the CPU's arithmetic
+per byte read: it is measured as it runs, see PassCosts). A drafter proposes k tokens — a small model of the
 same family (its tokenizer must be the same), or the text so far (prompt lookup: an n-gram that occurred
 before is continued as it was then; quotes, summaries and code edits copy their input) — and the model
 scores the last token and the k guesses in one pass. It keeps the guesses up to the first it disagrees
@@ -187,8 +188,8 @@ class PassCosts:
     """Seconds of a model pass by the number of tokens it feeds, and of one draft-model step, as measured
     (moving averages, one per engine): what decides how far drafting pays on this CPU and model.
 
-    A pass over k+1 tokens reads the weights once but does k+1 times the arithmetic: on 2 cores with
-    Qwen2.5-Coder-1.5B it cost 1.3× a one-token pass at 2-4 tokens and 2.5× at 9 (measured)."""
+    A pass over k+1 tokens reads the weights once but does k+1 times the arithmetic: on 2 Zen 4 cores with
+    Qwen2.5-Coder-1.5B it cost ~1.3× a one-token pass at 2 tokens, ~1.8× at 4 and ~3× at 9 (measured)."""
 
     SMOOTHING = 0.2
 
