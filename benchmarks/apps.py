@@ -430,7 +430,7 @@ def main(argv=None) -> int:
     print(f"# CPU: {cpu_model()} | torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()} "
           f"| {torch.get_num_threads()} threads")
     loaded = load(args.model)
-    model = LocalModel(Engine(loaded.model, loaded.tokenizer), name=args.model or DEFAULT_MODEL)
+    model = LocalModel(Engine(loaded.model, loaded.tokenizer, draft=loaded.draft), name=args.model or DEFAULT_MODEL)
     print(f"# model: {loaded.path} ({loaded.weights} weights, {str(loaded.dtype).removeprefix('torch.')})")
     record = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "model": str(loaded.path)}
     args.lora_model = None

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     t_start, record = time.perf_counter(), {"cpu": cpu_model(), "threads": torch.get_num_threads(), "models": {}}
     for name in args.model or ["qwen2.5-coder-1.5b", "smollm2"]:
         loaded = load(name)
-        engine = Engine(loaded.model, loaded.tokenizer)
+        engine = Engine(loaded.model, loaded.tokenizer, draft=loaded.draft)
         model = LocalModel(engine, name=name)
         log(f"{name}: chat ...")
         r = record["models"][name] = {"speed": speed(engine), "chat": run_chat(model)}

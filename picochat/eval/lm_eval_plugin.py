@@ -46,7 +46,7 @@ class PicochatLM(LM):
                  max_batch_size: int | None = None):
         super().__init__()
         self.loaded = load(str(pretrained), dtype=dtype)
-        engine = Engine(self.loaded.model, self.loaded.tokenizer)
+        engine = Engine(self.loaded.model, self.loaded.tokenizer, draft=self.loaded.draft)
         self.local = LocalModel(engine, name=str(pretrained), batch_size=_batch_size(batch_size, max_batch_size))
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
 
