@@ -67,7 +67,7 @@ class LoadedModel:
 
 
 def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool = True, fuse: bool = True,
-         cache: bool = True, draft: str | None = "auto") -> LoadedModel:
+         cache: bool = True, draft: str | None = "auto", prompt_bits: int | None = None) -> LoadedModel:
     """Load a model and its tokenizer from a -m argument (see hub.resolve), ready to generate.
 
     dtype: "auto" (what is fastest on this CPU, see quant.tuning.compute_dtype), "float32", "bfloat16" or a
@@ -77,6 +77,9 @@ def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool =
     compiled kernel is available; False expands them to float. fuse: q/k/v and gate/up become one matrix
     each (for generation; pass fuse=False, quantized=False to train, merge or save the model).
     cache: a converted GGUF is kept in picochat's cache as a packed folder, so the next start maps it.
+    prompt_bits: quantized weights multiply a prompt's activations as 8-bit integers (llama.cpp's precision,
+    1.5× faster prompts) or 15-bit (what decoding uses: float32's numbers); None: what was measured for this
+    model when it was converted (quant.layers.choose_prompt_bits).
     draft: the model that drafts tokens for speculative decoding (LoadedModel.draft; Engine(..., draft=)):
     "auto" is the known model's paired draft when it is installed (Qwen2.5-Coder-1.5B: the 0.5B), a -m
     argument names one, None loads none.
@@ -96,10 +99,12 @@ def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool =
         cached = _load_cached(path, fuse, act, why) if keep_quantized and cache and path.is_file() else None
         loaded = cached or _convert(path, adapter, keep_quantized, act, why, fuse, cache)
     loaded = _set_up_for_this_cpu(loaded, fuse)
+    if prompt_bits is not None and loaded.weights == "quantized":
+        use_prompt_activation_bits(loaded.model, prompt_bits)
     if draft == "auto":
         draft = paired_draft(path) if adapter is None and fuse else None
     if draft is not None:
-        drafter = load(draft, dtype, quantized=quantized, cache=cache, draft=None)
+        drafter = load(draft, dtype, quantized=quantized, cache=cache, draft=None, prompt_bits=prompt_bits)
         if drafter.tokenizer.vocab_size != loaded.tokenizer.vocab_size or \
                 drafter.model.config.vocab_size != loaded.model.config.vocab_size:
             raise ValueError(f"the draft model {drafter.path} has another tokenizer than {loaded.path}: a draft "

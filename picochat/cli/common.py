@@ -23,6 +23,10 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="compute dtype; auto (default) picks what is fastest on this CPU (`picochat info --system`)")
     p.add_argument("--dequantize", action="store_true",
                    help="expand a GGUF's quantized weights to --dtype floats instead of running them as integers")
+    p.add_argument("--prompt-bits", default="auto", choices=["auto", "8", "15"],
+                   help="activations of a prompt against quantized weights: 8 (llama.cpp's precision, ~1.5× faster "
+                        "prompts), 15 (float32's numbers, as decoding), auto (default): 8 where it was measured "
+                        "to barely move the model's predictions (qwen2.5-coder), else 15")
     p.add_argument("--draft", default="auto", metavar="MODEL|ngram|off",
                    help="speculative decoding: guesses checked several at a time, the same output faster. auto "
                         "(default): the model's paired draft if installed (qwen2.5-coder-1.5b: the 0.5B) and "
@@ -91,8 +95,10 @@ def open_engine(args):
         print("[building picochat's CPU kernels for this machine: once, about 30 s ...]", file=sys.stderr)
     t0 = time.perf_counter()
     draft = getattr(args, "draft", "auto")
+    prompt_bits = getattr(args, "prompt_bits", "auto")
     loaded = load(args.model, dtype=args.dtype, adapter=args.adapter, quantized=not args.dequantize,
-                  draft=None if draft in ("ngram", "off") else draft)
+                  draft=None if draft in ("ngram", "off") else draft,
+                  prompt_bits=None if prompt_bits == "auto" else int(prompt_bits))
     if args.verbose:
         m = loaded.model
         drafting = f", drafts from {loaded.draft_path.name} and n-grams" if loaded.draft is not None else \
