@@ -184,3 +184,33 @@ def test_threads_follow_the_cores_other_processes_leave_idle():
         busy.wait()
     time.sleep(1.0)
     assert cores.update() == limit == torch.get_num_threads()
+
+
+def test_sampled_speculation_draws_from_the_models_distribution(models):
+    """End to end: the first three tokens sampled with a draft model that mostly disagrees (top-3, T = 1)
+    follow the model's own joint distribution, computed exactly (chi-square over the 27 outcomes)."""
+    tok, model, other = models
+    engine = Engine(model, tok, draft=other, draft_tokens=2)
+    prompt = tok.encode(PROMPTS[0])
+
+    @torch.inference_mode()
+    def top3(ids):
+        logits = model(torch.tensor([ids]))[0][0, -1].float()
+        values, index = logits.topk(3)
+        return index.tolist(), torch.softmax(values, -1).tolist()
+
+    exact = {}
+    for a, pa in zip(*top3(prompt)):
+        for b, pb in zip(*top3(prompt + [a])):
+            for c, pc in zip(*top3(prompt + [a, b])):
+                exact[(a, b, c)] = pa * pb * pc
+    n, counts = 1500, {}
+    for seed in range(n):
+        gen = engine.complete(prompt, SamplingParams(temperature=1.0, top_k=3, seed=seed, max_new_tokens=3,
+                                                     stop_token_ids=[]))
+        key = tuple(gen.token_ids)
+        assert key in exact, key
+        counts[key] = counts.get(key, 0) + 1
+    assert sum(gen.stats.drafted.values()) > 0
+    chi2 = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in exact.items())
+    assert chi2 < 54.1, chi2   # 26 degrees of freedom: p = 0.001
