@@ -105,10 +105,10 @@ def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool =
         draft = paired_draft(path) if adapter is None and fuse else None
     if draft is not None:
         drafter = load(draft, dtype, quantized=quantized, cache=cache, draft=None, prompt_bits=prompt_bits)
-        if drafter.tokenizer.vocab_size != loaded.tokenizer.vocab_size or \
-                drafter.model.config.vocab_size != loaded.model.config.vocab_size:
+        if drafter.model.config.vocab_size != loaded.model.config.vocab_size or \
+                drafter.tokenizer.backend.get_vocab() != loaded.tokenizer.backend.get_vocab():
             raise ValueError(f"the draft model {drafter.path} has another tokenizer than {loaded.path}: a draft "
-                             "must share the model's vocabulary")
+                             "must share the model's vocabulary (--draft ngram or off to go without one)")
         loaded.draft, loaded.draft_path = drafter.model, drafter.path
     return loaded
 

@@ -171,3 +171,19 @@ def test_quantize_writes_a_packed_model_and_measures_its_cost(tiny_dir, tmp_path
     assert Engine(loaded.model, loaded.tokenizer).complete(ids, SamplingParams(temperature=0, max_new_tokens=5)).token_ids
     code, out, _ = run(["info", str(out_dir)], capsys)
     assert code == 0 and "packed folder" in out and "4-bit" in out
+
+
+def test_draft_and_prompt_bits_flags(tiny_dir, tmp_path, capsys):
+    """--draft off|ngram|MODEL write what plain greedy decoding writes; a draft that is not there, or has
+    another tokenizer, and a --prompt-bits out of its choices get one clear line."""
+    args = ["generate", "Hello there", "-m", str(tiny_dir), "--temperature", "0", "--max-new-tokens", "12"]
+    outs = [run(args + ["--draft", d], capsys)[:2] for d in ("off", "ngram", str(tiny_dir))]
+    assert outs[0][0] == 0 and outs[0] == outs[1] == outs[2]
+    code, _, err = run(args + ["--draft", str(tmp_path / "missing")], capsys)
+    assert code == 1 and err.startswith("picochat: error:") and "no model at" in err and "Traceback" not in err
+    other = save_tiny_folder(tmp_path / "other", "a completely different text about boats and rivers " * 50)
+    code, _, err = run(args + ["--draft", str(other)], capsys)
+    assert code == 1 and "another tokenizer" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args + ["--prompt-bits", "4"])
+    assert exit_.value.code == 2 and "--prompt-bits" in capsys.readouterr().err

@@ -186,8 +186,9 @@ print(torch.ops.picochat.isa())
 for i, (bits, group, has_min) in enumerate([(4, 32, True), (8, 16, False), (8, 32, True), (4, 64, True)]):
     m = random_matrix(19, 300, bits, group, has_min, seed=i)
     x = torch.randn(5, 300)
-    want, got = emulate(x, m), run_kernel(x, m)
-    assert ((got - want).norm() / want.norm()).item() < 1e-5, (bits, group)
+    for act_bits in (15, 8):
+        want, got = emulate(x, m, act_bits), run_kernel(x, m, act_bits)
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, (bits, group, act_bits)
     spec = (m.bits, m.group, m.in_features, m.out_features, m.has_min)
     assert torch.equal(torch.ops.picochat.dequantize(m.packed, *spec, torch.float32), m.dequantize())
 print("ok")
