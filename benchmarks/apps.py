@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, log, one_request  # noqa: E402
+from common import cpu_line, cpu_model, log, one_request  # noqa: E402
 from sft_demo import FACTS, SYSTEM  # noqa: E402
 import shop_zh  # noqa: E402
 
@@ -427,8 +427,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# CPU: {cpu_model()} | torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()} "
-          f"| {torch.get_num_threads()} threads")
+    print(cpu_line())
     loaded = load(args.model)
     model = LocalModel(Engine(loaded.model, loaded.tokenizer, draft=loaded.draft), name=args.model or DEFAULT_MODEL)
     print(f"# model: {loaded.path} ({loaded.weights} weights, {str(loaded.dtype).removeprefix('torch.')})")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, finish_report, log, one_request  # noqa: E402
+from common import cpu_line, cpu_model, finish_report, log, one_request  # noqa: E402
 
 from picochat.apps.codegen import generate_code_batch  # noqa: E402
 from picochat.apps.documents import han_share  # noqa: E402
@@ -144,8 +144,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# CPU: {cpu_model()} | torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()} "
-          f"| {torch.get_num_threads()} threads")
+    print(cpu_line())
     t_start, record = time.perf_counter(), {"cpu": cpu_model(), "threads": torch.get_num_threads(), "models": {}}
     for name in args.model or ["qwen2.5-coder-1.5b", "smollm2"]:
         loaded = load(name)

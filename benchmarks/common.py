@@ -55,3 +55,10 @@ def one_request(engine, ids: list[int], runs: int = 3, new_tokens: int = 64) -> 
     return {"prompt_tokens": len(ids), "ttft_s": first, "prefill_tok_s": len(ids) / first,
             "decode_tok_s": sorted(decode)[len(decode) // 2]}
 
+
+
+def cpu_line() -> str:
+    """The machine line every benchmark report starts with: CPU model, torch's capability, threads."""
+    import torch
+    return (f"# CPU: {cpu_model()} | torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()} "
+            f"| {torch.get_num_threads()} threads")

@@ -18,8 +18,10 @@ PREFILL_CHUNK = 256   # prompt tokens per forward pass while prefilling
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens a and b share."""
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:   # the usual case (a chat's next turn, a draft catching up), compared in C
+        return n
     i = 0
-    while i < n and a[i] == b[i]:
+    while a[i] == b[i]:
         i += 1
     return i
 

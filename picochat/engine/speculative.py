@@ -108,7 +108,7 @@ class ModelDrafter:
         for i in range(reuse, len(ids), PREFILL_CHUNK):
             chunk = ids[i:i + PREFILL_CHUNK]
             logits, _ = self.model(torch.tensor([chunk]), kv_cache=self.cache, last_only=True)
-            self.fed = self.fed + chunk
+            self.fed.extend(chunk)
         if len(ids) - reuse > 16:
             self.catch_up_seconds = _average(self.catch_up_seconds, (time.perf_counter() - start) / (len(ids) - reuse), 0.5)
         return logits[0, -1]
@@ -134,7 +134,7 @@ class ModelDrafter:
             tokens.append(token)
             if i + 1 < k and sure >= confidence:
                 logits, _ = self.model(torch.tensor([[token]]), kv_cache=self.cache, last_only=True)
-                self.fed = self.fed + [token]
+                self.fed.append(token)
                 row = logits[0, -1]
             else:
                 break
@@ -290,18 +290,21 @@ class Speculation:
             k = min(self.fixed, limit)
             if self.ngram and (tokens := self.index.propose(k)):
                 return Draft(tokens, None, "ngram")
-            fits = self.drafter and len(context) + MAX_DRAFT < self.drafter.model.config.max_seq_len
-            return self.drafter.propose(context, k, gen) if fits and k else Draft([])
+            return self.drafter.propose(context, k, gen) if self._drafter_fits(context) and k else Draft([])
         if self.ngram and (tokens := self.index.propose(limit)):   # free guesses first, when they pay
             k = best_length(self.acceptance["ngram"], len(tokens), self.costs.relative, 0.0)
             if k:
                 return Draft(tokens[:k], None, "ngram")
-        if self.drafter is not None and len(context) + MAX_DRAFT < self.drafter.model.config.max_seq_len:
+        if self._drafter_fits(context):
             cost = self.costs.draft_relative()
             k = best_length(self.acceptance["model"], limit, self.costs.relative, cost)
             if k and self._catch_up_pays(context, gen, self._rate("model", k, cost)):
                 return self.drafter.propose(context, k, gen, self.confidence)
         return Draft([])
+
+    def _drafter_fits(self, context: list[int]) -> bool:
+        """Whether there is a draft model whose context holds this text and a round of guesses."""
+        return self.drafter is not None and len(context) + MAX_DRAFT < self.drafter.model.config.max_seq_len
 
     def _catch_up_pays(self, context: list[int], gen: Generation, rate: float) -> bool:
         """Whether what the draft model would save over the next HORIZON tokens (at `rate` tokens per
