@@ -15,7 +15,7 @@ from picochat.apps.documents import (Document, DocumentError, Section, mostly_ch
 from picochat import hub
 from picochat.load import load_encoder
 from picochat.model.encoder import Bert, BertConfig, SentenceEncoder
-from picochat.apps.kb import EncoderMismatch, KnowledgeBase, kb_path
+from picochat.apps.kb import EncoderMismatch, KnowledgeBase, RemovesEverything, kb_path
 from picochat.apps.terms import index_grams, match_query, query_terms
 
 
@@ -263,10 +263,64 @@ def test_add_update_remove_reopen(tmp_path, encoder):
         assert kb.sync() == [str(folder / "manual.pdf")]
         assert sorted(Path(d.source).name for d in kb.documents()) == ["guide.md", "returns.html"]
         assert not any(h.source.endswith((".txt", ".pdf")) for h in kb.search("printer paragraph", k=20))
-        assert kb.remove(folder) and kb.documents() == []         # a folder: everything under it
+        with pytest.raises(RemovesEverything, match="holds all 2 documents"):   # a folder of them all ...
+            kb.remove(folder)
+        assert len(kb.documents()) == 2
+        assert kb.remove(folder, everything=True) and kb.documents() == []   # ... only when asked to
         rows = sqlite3.connect(tmp_path / "kb.sqlite").execute(
             "SELECT (SELECT COUNT(*) FROM passages), (SELECT COUNT(*) FROM passages_fts)").fetchone()
         assert rows == (0, 0)
+
+
+class CountingEncoder:
+    """An encoder that records each call's number of texts, and whether the knowledge base's write lock was
+    free during it (another connection could take it at once)."""
+
+    def __init__(self, encoder, path: Path):
+        self.encoder, self.path, self.calls, self.lock_free = encoder, path, [], []
+        self.name, self.dim = encoder.name, encoder.dim
+
+    def encode(self, texts, batch_size=32):
+        self.calls.append(len(texts))
+        other = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            self.lock_free.append(True)
+        except sqlite3.OperationalError:
+            self.lock_free.append(False)
+        finally:
+            other.close()
+        return self.encoder.encode(texts, batch_size)
+
+
+def test_add_embeds_the_passages_of_many_files_in_few_calls(tmp_path, encoder, monkeypatch):
+    """One encoder call for many small files (not one per file), outside any write transaction, with the
+    per-file outcomes, progress and the rows the same whatever the batch size."""
+    from picochat.apps import kb as kb_module
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"note{i:02d}.md").write_text(f"# Note {i}\n\nThe car park note number {i}, alpha.\n")
+    (folder / "empty.md").write_text("\n")
+    rows = {}
+    for batch in (256, 5):
+        monkeypatch.setattr(kb_module, "ENCODE_BATCH", batch)
+        path = tmp_path / f"kb{batch}.sqlite"
+        counting, calls = CountingEncoder(encoder, path), []
+        with KnowledgeBase(path, counting) as kb:
+            report = kb.add([folder, folder / "note03.md"], progress=lambda i, n: calls.append((i, n)))
+            assert (report.added, report.passages, len(report.skipped)) == (12, 12, 1)   # note03 once
+            assert calls == [(i, 13) for i in range(1, 14)]
+            assert counting.calls == ([12] if batch == 256 else [5, 5, 2]) and all(counting.lock_free)
+            rows[batch] = sorted((Path(h.source).name, h.text) for h in kb.search("car park note", k=20))
+            (folder / "note05.md").write_text("# Note 5\n\nChanged: the bicycle racks.\n")
+            again = kb.add([folder])
+            assert (again.added, again.updated, again.unchanged, again.passages) == (0, 1, 11, 1)
+            (folder / "note05.md").write_text("# Note 5\n\nThe car park note number 5, alpha.\n")
+            kb.add([folder / "note05.md"])
+        assert all(counting.lock_free)
+    assert rows[256] == rows[5] and len(rows[5]) == 12
 
 
 def test_hostile_queries(tmp_path, encoder):

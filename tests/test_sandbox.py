@@ -1,14 +1,16 @@
 """The code sandbox: each test runs real code in it and checks that one fence holds.
 
-The OS-level layers (namespaces, capabilities) are also checked on their own, in a plain subprocess that
-puts them up and then tries the raw system calls the in-process guards would otherwise stop first.
+ESCAPES is the attack suite: each entry is a program written to get out, and a check run on the host
+afterwards. Every escape runs with the in-process guards switched off (python_guards=False), so what holds
+is the kernel's doing; a reviewer adds an attack by adding an entry. The guards themselves (a second layer
+that fails early with a clear message) are checked below it.
 """
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
-import time
 import uuid
 
 import pytest
@@ -17,43 +19,167 @@ from picochat import sandbox
 from picochat.sandbox import run_python
 
 
-def living_members(session: int) -> list[int]:
-    """Processes (zombies aside) whose session id is `session`, from /proc."""
+def sandbox_processes() -> list[int]:
+    """Host processes (zombies aside) running as a sandbox's uid."""
     pids = []
     for entry in os.listdir("/proc"):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()   # after "(command name)"
-        except (OSError, IndexError):
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
             continue
-        if entry.isdigit() and fields[0] != "Z" and int(fields[3]) == session:
+        if int(fields["Uid"].split()[0]) >= sandbox.FIRST_UID and not fields["State"].strip().startswith("Z"):
             pids.append(int(entry))
     return pids
 
 
-def kernel_allows_namespaces(user_namespace: bool) -> bool:
-    """Whether a plain unshare of new mount and network namespaces works here (independently of sandbox.py)."""
-    flags = sandbox.CLONE_NEWNS | sandbox.CLONE_NEWNET | (sandbox.CLONE_NEWUSER if user_namespace else 0)
-    probe = f"import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare({flags}) != 0)"
-    return subprocess.run([sys.executable, "-c", probe]).returncode == 0
+def leftover_folders() -> set[str]:
+    return {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("picochat-sandbox-")}
 
 
-def run_layers(script: str, folder, *, user_namespace: bool = False) -> str:
-    """Put up the OS-level layers in a fresh interpreter (no in-process guards), then run `script`."""
-    prologue = textwrap.dedent(f"""
-        import errno, os, socket, sys
-        from picochat import sandbox
-        libc = sandbox._libc()
-        layers = sandbox._isolate(libc, {str(folder)!r}, user_namespace={user_namespace})
-        sandbox._set_limits(512 << 20, 10)
-        print("layers", *layers)
-        print("capabilities dropped", sandbox._drop_privileges(libc))
+@pytest.fixture
+def host(tmp_path):
+    """What an escape would go for: a secret file, a process of the user's, a TCP listener on 127.0.0.1."""
+    secret = tmp_path / "id_rsa"
+    secret.write_text("the user's secret key")
+    victim = subprocess.Popen(["sleep", "60"])
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    yield {"secret": str(secret), "victim": victim.pid, "port": server.getsockname()[1],
+           "caller": os.getpid(), "outside": f"/tmp/picochat-escape-{uuid.uuid4().hex}", "tmp": str(tmp_path),
+           "system": f"/usr/lib/picochat-escape-{uuid.uuid4().hex}"}
+    victim.kill()
+    victim.wait()
+    server.close()
+
+
+# name: (program, tests, what must hold of the result). {secret} {victim} {port} {caller} {outside} {tmp}
+# are filled in from the host fixture. The program prints ESCAPED if it got what it wanted.
+ESCAPES = {
+    "read a secret file of the user": (
+        "print('ESCAPED', open({secret!r}).read())", "", "FileNotFoundError"),
+    "read /etc/shadow": ("print('ESCAPED', open('/etc/shadow').read())", "", "FileNotFoundError"),
+    "list the user's home": ("import os\nprint('ESCAPED', os.listdir(os.path.expanduser('/root/.ssh')))", "",
+                             "FileNotFoundError"),
+    "undo the guards in three lines, then read": (   # the reported attack, guards on or off
+        "import sys\nsys.modules.pop('ctypes', None)\nimport ctypes\n"
+        "print('ESCAPED', open({secret!r}).read())", "", "FileNotFoundError"),
+    "read the caller's environment through /proc": (
+        "print('ESCAPED', open('/proc/{caller}/environ').read())", "", "FileNotFoundError"),
+    "write to /tmp": ("open({outside!r}, 'w').write('x')\nprint('ESCAPED')", "", "FileNotFoundError"),
+    "write to a system folder": ("open({system!r}, 'w').write('x')\nprint('ESCAPED')", "", "Read-only file system"),
+    "write into the interpreter": (
+        "import os\nopen(os.__file__ + '.x', 'w').write('x')\nprint('ESCAPED')", "", "Read-only file system"),
+    "kill another process of the user": (
+        "import os\nos.kill({victim}, 9)\nprint('ESCAPED')", "", "ProcessLookupError"),
+    "kill the caller": ("import os\nos.kill({caller}, 9)\nprint('ESCAPED')", "", "ProcessLookupError"),
+    "kill its parent": ("import os, time\ntry:\n    os.kill(os.getppid(), 9)\nexcept OSError:\n    pass\n"
+                        "time.sleep(0.5)\nprint('alive')", "", "alive"),
+    "kill every process it may": ("import os\nos.kill(-1, 9)\nprint('ESCAPED')", "", "ProcessLookupError"),
+    "kill through ctypes": (
+        "import ctypes\nprint('ESCAPED' if ctypes.CDLL(None).kill({victim}, 9) == 0 else 'refused')", "",
+        "refused"),
+    "connect to localhost": (
+        "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('ESCAPED')", "",
+        "Network is unreachable"),
+    "raise its limits": (
+        "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\nprint('ESCAPED')", "",
+        "not allowed to raise maximum limit"),
+    "mount the host's disk": (
+        "import ctypes\nlibc = ctypes.CDLL(None)\n"
+        "print('ESCAPED' if libc.mount(b'none', b'/sandbox', b'proc', 0, None) == 0 else 'refused')", "",
+        "refused"),
+    "fake a pass by exiting early with 0": ("import os\nos._exit(0)", "assert False", "did not run to completion"),
+    "fake a pass through the harness's frames": (
+        "import sys\nf = sys._getframe()\nwhile f is not None:\n"
+        "    for name in ('exit_now', 'exit'):\n"
+        "        if callable(f.f_locals.get(name)):\n            f.f_locals[name](0)\n"
+        "    f = f.f_back\n", "assert False", "did not run to completion"),
+    "fake a pass by writing to the report pipe": (
+        "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'passed\\n')\n    except OSError:\n"
+        "        pass\nos._exit(0)", "assert False", "did not run to completion"),
+}
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_escape_fails_without_the_python_guards(name, host):
+    program, tests, expected = ESCAPES[name]
+    before = leftover_folders()
+    result = run_python(program.format(**host), tests, timeout=5, python_guards=False)
+    assert not result.passed or "ESCAPED" not in result.output, result.output
+    assert "ESCAPED" not in result.output and expected in result.output, result.output
+    assert os.path.exists(f"/proc/{host['victim']}")
+    assert not os.path.exists(host["outside"]) and not os.path.exists(host["system"])
+    assert leftover_folders() <= before and sandbox_processes() == []
+
+
+def test_the_reported_guard_undoing_attack_with_the_guards_on(host):
+    # the attack as reported: drop ctypes from sys.modules, re-import it; widen the open() allow-list
+    program = textwrap.dedent(f"""
+        import sys
+        sys.modules.pop("ctypes", None)
+        import builtins
+        for cell in builtins.open.__closure__ or ():
+            if isinstance(cell.cell_contents, list):
+                cell.cell_contents.append("/")
+        print("ESCAPED", open({host['secret']!r}).read())
     """)
-    done = subprocess.run([sys.executable, "-c", prologue + textwrap.dedent(script)], capture_output=True,
-                          text=True, timeout=30, cwd=folder)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    result = run_python(program, timeout=5)
+    assert "secret" not in result.output and "ESCAPED" not in result.output and not result.passed
 
+
+def test_processes_it_starts_die_with_it_even_after_setsid():
+    program = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+               "print('parent done', flush=True)")
+    result = run_python(program, timeout=5, python_guards=False)
+    assert result.passed and "parent done" in result.output
+    assert sandbox_processes() == []
+
+
+def test_the_deadline_kills_the_whole_tree_and_removes_the_folder():
+    before = leftover_folders()
+    program = ("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n"
+               "open('/sandbox/left', 'w').write('x')\ntime.sleep(60)")
+    result = run_python(program, timeout=1, python_guards=False)
+    assert result.status == "timeout" and result.seconds < 4
+    assert sandbox_processes() == [] and leftover_folders() <= before
+
+
+def test_fork_bomb_is_bounded_and_leaves_nothing():
+    result = run_python("import os\nwhile True:\n    os.fork()", timeout=3, python_guards=False)
+    assert not result.passed and result.seconds < 5
+    assert "Resource temporarily unavailable" in result.output or result.status == "timeout"
+    assert sandbox_processes() == []
+
+
+def test_the_folder_is_its_own_small_file_system():
+    result = run_python("import os\nprint(os.getcwd(), os.environ['HOME'], sorted(os.listdir('/')))\n"
+                        "open('big', 'wb').write(bytes(15 << 20))\nopen('big2', 'wb').write(bytes(15 << 20))\n"
+                        "open('big3', 'wb').write(bytes(15 << 20))\nopen('big4', 'wb').write(bytes(15 << 20))\n"
+                        "open('big5', 'wb').write(bytes(15 << 20))", python_guards=False)
+    first = result.output.splitlines()[0]
+    assert first.startswith("/sandbox /sandbox [") and "'home'" not in first and "'etc'" not in first
+    assert "No space left on device" in result.output   # 64 MiB in all, in memory, gone with the namespace
+
+
+def test_refuses_to_run_where_the_kernel_has_no_namespaces():
+    # root without CAP_SYS_ADMIN, in a user namespace that may make no more user namespaces
+    probe = ("from picochat.sandbox import run_python, SandboxUnavailable\n"
+             "try:\n    run_python('print(1)')\nexcept SandboxUnavailable as e:\n    print('refused:', e)\n"
+             "print(run_python('print(\"ran\")', allow_unconfined=True).output.strip())")
+    script = (f"echo 0 > /proc/sys/user/max_user_namespaces && "
+              f"setpriv --bounding-set=-sys_admin {sys.executable} -c \"$PROBE\"")
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "PROBE": probe})
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or not lines:   # no unshare or setpriv, or no user namespaces at all
+        pytest.skip(f"cannot build the restricted environment here: {done.stderr.strip()}")
+    assert lines[0].startswith("refused: unavailable: the kernel refused new namespaces"), done
+    assert sandbox.OPT_OUT in lines[0] and lines[1] == "ran"
+    assert "UnconfinedWarning: the sandbox ran code without the kernel's fences" in done.stderr
+
+
+# ------------------------------------------------------------------------- results and limits
 
 def test_passing_and_failing_programs():
     ok = run_python("print('hello', 6 * 7)")
@@ -66,10 +192,18 @@ def test_passing_and_failing_programs():
     assert (crash.status, crash.returncode) == ("killed", -11) and "Segmentation fault" in crash.output
 
 
+def test_tests_run_after_the_code_in_its_namespace():
+    code = "def add(a, b):\n    return a + b\n"
+    assert run_python(code, "assert add(2, 3) == 5").passed
+    failed = run_python(code, "assert add(2, 3) == 6, 'add is wrong'")
+    assert failed.status == "failed" and 'File "tests.py", line 1' in failed.output
+    assert not run_python("raise ValueError('broken')", "print('never')").passed
+
+
 def test_exit_before_the_end_counts_as_failing():
     # a completion that exits early would otherwise skip the tests that follow it
     for early_exit in ("import sys; sys.exit(0)", "exit()", "import os; os._exit(0)"):
-        result = run_python(early_exit + "\nassert False")
+        result = run_python(early_exit, "assert False")
         assert result.status == "failed", early_exit
 
 
@@ -91,165 +225,6 @@ def test_memory_bombs_are_stopped_by_the_address_space_limit():
     assert not run_python(allocate, memory_mb=128).passed
 
 
-def test_fork_bomb_is_stopped_and_leaves_no_process():
-    result = run_python("import os\nprint(os.getpid(), flush=True)\nwhile True:\n    os.fork()", timeout=3)
-    assert result.status == "failed" and "os.fork is disabled" in result.output
-    assert living_members(int(result.output.split()[0])) == []   # it led its own session
-    for start in ("import subprocess; subprocess.run(['true'])", "import os; os.system('true')",
-                  "import os; os.posix_spawn('/bin/true', ['true'], {})", "import os; os.kill(1, 0)",
-                  "import multiprocessing; multiprocessing.Process(target=print).start()"):
-        result = run_python(start)
-        assert result.status == "failed" and "PermissionError" in result.output, start
-
-
-def wait_until(condition, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def test_killing_the_group_leaves_no_process():
-    # the timeout's last resort, on a real tree: a shell and the two children it started
-    tree = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
-    try:
-        assert wait_until(lambda: len(living_members(tree.pid)) == 3)
-        sandbox._kill_group(tree.pid)
-        tree.wait(timeout=5)
-        assert wait_until(lambda: living_members(tree.pid) == [])   # SIGKILL reaches the orphans too
-    finally:
-        tree.kill()
-
-
-@pytest.fixture
-def listener():
-    """A TCP server on 127.0.0.1 that the sandbox must not reach."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
-    yield server
-    server.close()
-
-
-def assert_nobody_connected(server):
-    with pytest.raises(TimeoutError):
-        server.accept()
-
-
-def test_opening_a_socket_fails(listener):
-    port = listener.getsockname()[1]
-    result = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)")
-    assert result.status == "failed" and "creating a socket is disabled" in result.output
-    assert_nobody_connected(listener)
-
-
-@pytest.mark.parametrize("user_namespace", [False, True])
-def test_network_namespace_has_no_route_even_to_localhost(listener, tmp_path, user_namespace):
-    if not kernel_allows_namespaces(user_namespace):
-        pytest.skip("this kernel refuses new namespaces here")
-    port = listener.getsockname()[1]
-    out = run_layers(f"""
-        try:
-            socket.create_connection(("127.0.0.1", {port}), timeout=1)
-            print("connected")
-        except OSError as error:
-            print("refused", errno.errorcode[error.errno])
-    """, tmp_path, user_namespace=user_namespace)
-    assert out.splitlines()[0] == "layers network filesystem" and "refused ENETUNREACH" in out
-    assert_nobody_connected(listener)
-
-
-def escape_path() -> str:
-    return f"/tmp/picochat-sandbox-escape-{uuid.uuid4().hex}"
-
-
-def test_writing_outside_the_folder_fails():
-    targets = [escape_path() for _ in range(6)]
-    attempts = [
-        f"open({targets[0]!r}, 'w').write('x')",
-        f"os.close(os.open({targets[1]!r}, os.O_WRONLY | os.O_CREAT))",
-        f"pathlib.Path({targets[2]!r}).write_text('x')",
-        f"os.mkdir({targets[3]!r})",
-        f"os.symlink({targets[4]!r}, 'link'); open('link', 'w').write('x')",   # through a link inside
-        f"shutil.copy('main.py', {targets[5]!r})",
-    ]
-    program = "import os, pathlib, shutil\n" + "".join(
-        f"try:\n    {attempt}\n    print('escaped')\nexcept PermissionError:\n    print('refused')\n"
-        for attempt in attempts)
-    result = run_python(program)
-    assert result.passed, result.output
-    assert result.output.split() == ["refused"] * len(attempts)
-    assert not any(os.path.lexists(target) for target in targets)
-
-
-def test_writing_inside_the_folder_works_and_the_folder_is_deleted():
-    result = run_python("import os\nos.mkdir('d')\nopen('d/f.txt', 'w').write('kept')\n"
-                        "print(os.getcwd(), open('d/f.txt').read())")
-    folder, text = result.output.split()
-    assert result.passed and text == "kept" and os.path.basename(folder).startswith("picochat-sandbox-")
-    assert not os.path.exists(folder)
-
-
-@pytest.mark.parametrize("user_namespace", [False, True])
-def test_file_system_is_read_only_outside_the_folder(tmp_path, user_namespace):
-    if not kernel_allows_namespaces(user_namespace):
-        pytest.skip("this kernel refuses new namespaces here")
-    folder = tmp_path / "box"
-    folder.mkdir()
-    target = escape_path()
-    out = run_layers(f"""
-        open("inside.txt", "w").write("ok")
-        try:
-            open({target!r}, "w").write("x")
-            print("escaped")
-        except OSError as error:
-            print("refused", errno.errorcode[error.errno])
-    """, folder, user_namespace=user_namespace)
-    assert out.splitlines()[0] == "layers network filesystem" and "refused EROFS" in out
-    assert (folder / "inside.txt").read_text() == "ok"
-    assert not os.path.exists(target)
-
-
-def test_users_files_are_unreadable_and_home_is_the_folder(tmp_path):
-    secret = tmp_path / "secret.txt"
-    secret.write_text("the user's secret")
-    result = run_python(f"""import os
-for attempt in (lambda: open({str(secret)!r}).read(), lambda: os.listdir({str(tmp_path)!r}),
-                lambda: open(f"/proc/{{os.getppid()}}/environ").read(),   # the caller's environment
-                lambda: open({os.path.expanduser("~/.bashrc")!r}).read()):
-    try:
-        print(attempt())
-    except PermissionError:
-        print("refused")
-print(os.environ["HOME"] == os.getcwd() == os.path.expanduser("~"), sorted(os.environ))
-""")
-    assert result.passed, result.output
-    assert "secret" not in result.output
-    assert result.output.split("\n")[:4] == ["refused"] * 4
-    assert result.output.split("\n")[4] == "True ['HOME', 'LANG', 'PATH', 'TMPDIR']"
-
-
-def test_raw_system_calls_and_limits_cannot_be_reached():
-    for program in ("import ctypes", "import resource"):
-        result = run_python(program)
-        assert result.status == "failed" and "ModuleNotFoundError" in result.output
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="capabilities matter for root only")
-def test_root_loses_its_capabilities(tmp_path):
-    out = run_layers("""
-        import resource
-        print(next(line for line in open("/proc/self/status") if line.startswith("CapEff")).split()[1])
-        try:
-            resource.setrlimit(resource.RLIMIT_AS, (-1, -1))
-            print("raised")
-        except (ValueError, OSError):
-            print("refused")
-    """, tmp_path)
-    assert out.split("\n")[1:4] == ["capabilities dropped True", "0000000000000000", "refused"]
-
-
 def test_output_is_captured_and_cut_to_its_tail():
     result = run_python("import sys\nfor i in range(5000):\n    print(i)\nprint('done', file=sys.stderr)")
     assert result.passed and result.output.endswith("4998\n4999\ndone\n")
@@ -268,3 +243,25 @@ def test_arguments_are_checked():
         run_python("pass", timeout=0)
     with pytest.raises(ValueError):
         run_python("pass", memory_mb=-1)
+
+
+# ------------------------------------------------------------------------- the in-process guards (second layer)
+
+def test_guards_stop_processes_sockets_and_files_with_a_clear_error(host):
+    for start in ("import subprocess; subprocess.run(['true'])", "import os; os.system('true')",
+                  "import os; os.fork()", "import os; os.kill(1, 0)",
+                  "import multiprocessing; multiprocessing.Process(target=print).start()"):
+        result = run_python(start)
+        assert result.status == "failed" and "PermissionError" in result.output, start
+    sock = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {host['port']}), timeout=1)")
+    assert "creating a socket is disabled" in sock.output
+    write = run_python(f"open({host['outside']!r}, 'w')")
+    assert "outside the sandbox's folder" in write.output
+    for program in ("import ctypes", "import resource"):
+        assert "ModuleNotFoundError" in run_python(program).output
+
+
+def test_home_is_the_folder_and_the_environment_is_empty():
+    result = run_python("import os\nprint(os.environ['HOME'] == os.getcwd() == os.path.expanduser('~'), "
+                        "sorted(os.environ))")
+    assert result.output.strip() == "True ['HOME', 'LANG', 'PATH', 'TMPDIR']"

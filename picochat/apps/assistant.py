@@ -64,9 +64,19 @@ class Source:
         name = Path(self.source).name
         return f"{name} § {self.section}" if self.section else name
 
-    def as_dict(self) -> dict:
-        return {"index": self.number, "source": self.source, "section": self.section, "label": self.label,
-                "similarity": round(self.similarity, 4), "text": self.text}
+    def as_dict(self, root: str | None = None) -> dict:
+        """The source as the API shows it: its path relative to `root` (the knowledge base's folder), or its
+        file name without one — never the server's own absolute path."""
+        return {"index": self.number, "source": relative_source(self.source, root), "section": self.section,
+                "label": self.label, "similarity": round(self.similarity, 4), "text": self.text}
+
+
+def relative_source(source: str, root: str | None) -> str:
+    """`source` relative to the folder `root` when it is under it, else its file name."""
+    path = Path(source)
+    if root is not None and path.is_relative_to(root):
+        return path.relative_to(root).as_posix()
+    return path.name
 
 
 @dataclass
@@ -79,11 +89,13 @@ class Grounding:
     prompt: str = ""            # the user message to send: the question with its numbered sources
     persona: str = DEFAULT_PERSONA
     kb: str = ""                # the knowledge base's name, where it has one
+    root: str | None = None     # its documents' folder: the API shows sources relative to it (as_dict)
     quote: str | None = None    # the evidence: the sources' sentence closest to the question, verbatim
     quote_source: int | None = None   # ... and the number of the source it is from
 
     def as_dict(self) -> dict:  # the API's `retrieval` field (OpenAI clients ignore it)
-        return {"query": self.query, "declined": self.declined, "sources": [s.as_dict() for s in self.sources],
+        return {"query": self.query, "declined": self.declined,
+                "sources": [s.as_dict(self.root) for s in self.sources],
                 "quote": self.quote, "quote_source": self.quote_source}
 
 

@@ -146,7 +146,7 @@ def _check_all(jobs: list[tuple[str, str | None]], timeout: float, workers: int)
     """Each (code, tests) run in the sandbox, None where there are no tests; a few subprocesses at a time."""
     def check(job):
         code, tests = job
-        return None if tests is None else run_python(f"{code}\n\n{tests}\n", timeout=timeout)
+        return None if tests is None else run_python(code, tests, timeout=timeout)
     if sum(tests is not None for _, tests in jobs) <= 1:
         return [check(job) for job in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

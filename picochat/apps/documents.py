@@ -8,23 +8,27 @@ the end of one piece repeated at the start of the next so a fact cut in two is s
 
 Every Section and Passage records where its text starts in `Document.text` (the sections joined by blank
 lines), and its text is exactly that slice: a passage can always be traced back to its place.
+
+Files come from users and from folders nobody checked, so reading is bounded (reading.py: regular files
+only, at most MAX_FILE_BYTES, decoded by byte order mark, binary refused; html_text.py and pdf_text.py keep
+their own bounds); every pass over the text is linear (headings are parsed with string operations, no
+regex backtracks over a long line), and a heading is cut to HEADING_MAX characters. Every problem is a
+DocumentError naming the file.
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 
+from .html_text import html_sections
+from .pdf_text import pdf_pages
+from .reading import (HEADING_MAX, HEADING_SEP, MAX_FILE_BYTES, DocumentError,  # noqa: F401 (the readers' API)
+                      decode_text, read_bounded, read_stream_bounded, short_heading)
+
 SUPPORTED = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf")
-HEADING_SEP = " › "
 SECTION_SEP = "\n\n"   # between sections in Document.text
-
-
-class DocumentError(ValueError):
-    """A file that cannot be read as a document; the message names the file and the problem."""
 
 
 @dataclass
@@ -61,56 +65,60 @@ class Passage:
 
 
 # ----------------------------------------------------------------------------- reading files
-def read_document(path, data: bytes | None = None) -> Document:
+def read_document(path, data: bytes | None = None, max_bytes: int = MAX_FILE_BYTES) -> Document:
     """Read a .txt, .md/.markdown, .html/.htm or .pdf file (or any UTF-8 text file) into a Document.
 
-    data: the file's bytes, when the caller has already read them (kb.py hashes them). Raises
-    DocumentError for a file it cannot read (binary, encrypted or broken PDF), FileNotFoundError if absent."""
+    data: the file's bytes, when the caller has already read them (kb.py hashes them); otherwise the file is
+    read with read_bounded(path, max_bytes). Raises DocumentError for a file it cannot read (binary, too
+    large, not a regular file, encrypted or broken PDF), FileNotFoundError if absent."""
     path = Path(path).expanduser()
-    source = str(path.resolve())
     if data is None:
-        data = path.read_bytes()
+        data = read_bounded(path, max_bytes)
+    source = os.path.realpath(path)   # not Path.resolve(): it raises RuntimeError on a symbolic link loop
     ext = path.suffix.lower()
     if ext == ".pdf":
         return _read_pdf(data, source, path)
+    text = decode_text(data, path, utf8_only=ext not in SUPPORTED, hint=_FORMATS_HINT)
     if ext in (".html", ".htm"):
-        return _read_html(_decode(data), source, path)
-    if ext not in SUPPORTED:
-        if b"\0" in data[:8192]:
-            raise DocumentError(f"{path}: a binary file; accepted formats are {', '.join(SUPPORTED)} "
-                                f"and other UTF-8 text files")
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise DocumentError(f"{path}: not UTF-8 text; accepted formats are {', '.join(SUPPORTED)} "
-                                f"and other UTF-8 text files") from None
-        return _read_text(text, source, path)
+        return _read_html(text, source, path)
     if ext in (".md", ".markdown"):
-        return _read_markdown(_decode(data), source, path)
-    return _read_text(_decode(data), source, path)
+        return _read_markdown(text, source, path)
+    return _read_text(text, source, path)
 
 
-def _decode(data: bytes) -> str:
-    """UTF-8 (with or without a BOM); otherwise Windows-1252, what most other old text files are."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("cp1252", errors="replace")
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+_FORMATS_HINT = f"; accepted formats are {', '.join(SUPPORTED)} and other UTF-8 text files"
 
 
+# ----------------------------------------------------------------------------- formats
 def _read_text(text: str, source: str, path: Path) -> Document:
-    return Document(source, path.stem, [Section("", text.replace("\r\n", "\n").strip())])
+    return Document(source, path.stem, [Section("", text.strip())])
 
 
 FENCE = re.compile(r"^\s{0,3}(```|~~~)")
 SETEXT_UNDERLINE = re.compile(r"^\s{0,3}(=+|-+)[ \t]*$")
-ATX_HEADING = re.compile(r"^\s{0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$|^\s{0,3}(#{1,6})[ \t]*$")
+
+
+def _atx_heading(line: str) -> tuple[int, str] | None:
+    """(level, text) of a `#` heading line ("## Returns ##" → (2, "Returns")), or None. String operations,
+    not a regex: the regex this replaced backtracked quadratically on a long line of spaces."""
+    rest = line.lstrip()
+    if len(line) - len(rest) > 3 or not rest.startswith("#"):
+        return None
+    body = rest.lstrip("#")
+    level = len(rest) - len(body)
+    if level > 6 or (body and body[0] not in " \t"):
+        return None    # "#5" or "####### x" is text
+    body = body.strip(" \t")
+    unclosed = body.rstrip("#")
+    if not unclosed or unclosed[-1] in " \t":   # a closing run of #s goes ("## Returns ##"); "C#" keeps its #
+        body = unclosed
+    return level, body.strip()
 
 
 def _read_markdown(text: str, source: str, path: Path) -> Document:
     """Sections at headings — `#` lines, or a line underlined with `===` / `---` — never inside ``` or ~~~
-    code fences; the title is the first level-1 heading."""
+    code fences; the title is the first level-1 heading. A heading over HEADING_MAX characters is cut, and
+    kept whole as the first line of its section's text."""
     sections, lines, stack, fence, title = [], [], [], None, None
 
     def close():
@@ -121,161 +129,36 @@ def _read_markdown(text: str, source: str, path: Path) -> Document:
         m = FENCE.match(line)
         if m:
             fence = m.group(1) if fence is None else (None if m.group(1) == fence else fence)
-        h = ATX_HEADING.match(line) if fence is None and not m else None
+        h = _atx_heading(line) if fence is None and not m else None
         u = SETEXT_UNDERLINE.match(line) if fence is None and h is None and lines and lines[-1].strip() else None
         if h is None and u is None:
             lines.append(line)
             continue
-        if h is not None:
-            level, heading = len(h.group(1) or h.group(3)), (h.group(2) or "").strip()
-        else:   # the line above is the heading: level 1 under "===", 2 under "---"
-            level, heading = (1 if u.group(1)[0] == "=" else 2), lines.pop().strip()
+        # the line above an underline is the heading: level 1 under "===", 2 under "---"
+        level, heading = h if h is not None else ((1 if u.group(1)[0] == "=" else 2), lines.pop().strip())
         close()
         while stack and stack[-1][0] >= level:
             stack.pop()
         if heading:
-            stack.append((level, heading))
+            stack.append((level, short_heading(heading)))
             if level == 1 and title is None:
-                title = heading
+                title = stack[-1][1]
+            if len(heading) > HEADING_MAX:
+                lines.append(heading)
     close()
     return Document(source, title or path.stem, sections)
 
 
-class _HTMLSections(HTMLParser):
-    """Collects sections from HTML: headings open sections, block elements end paragraphs."""
-
-    SKIP = {"script", "style", "nav", "noscript", "template", "svg", "head"}
-    BLOCKS = {"p", "div", "li", "ul", "ol", "tr", "table", "blockquote", "pre", "dd", "dt", "dl",
-              "section", "article", "main", "header", "footer", "aside", "figure", "figcaption", "hr",
-              "form", "fieldset", "address", "details", "summary", "body"}
-    HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.sections: list[tuple[str, list[str]]] = [("", [])]
-        self.stack: list[tuple[int, str]] = []
-        self.skip = 0            # depth inside elements whose text is not content
-        self.pre = 0
-        self.words: list[str] = []   # the paragraph being collected
-        self.heading: list[str] | None = None
-        self.heading_level = 0
-        self.title = ""
-        self.in_title = False
-        self.first_h1 = ""
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "title":
-            self.in_title = True
-        if tag == "body":
-            self.skip = 0        # a <head> left open ends here
-        if tag in self.SKIP:
-            self.skip += 1
-        elif self.skip:
-            return
-        elif tag == "br":
-            self.line_break()
-        elif tag in self.HEADINGS:
-            self.end_paragraph()
-            self.heading, self.heading_level = [], self.HEADINGS[tag]
-        elif tag in self.BLOCKS:
-            self.end_paragraph()
-            if tag == "li":
-                self.words.append("- ")
-            if tag == "pre":
-                self.pre += 1
-
-    def handle_startendtag(self, tag, attrs):
-        if tag == "br" and not self.skip:
-            self.line_break()
-        elif tag in self.BLOCKS and not self.skip:
-            self.end_paragraph()
-
-    def handle_endtag(self, tag):
-        if tag == "title":
-            self.in_title = False
-        if tag in self.SKIP:
-            self.skip = max(0, self.skip - 1)
-        elif self.skip:
-            return
-        elif tag in self.HEADINGS and self.heading is not None:
-            heading = " ".join("".join(self.heading).split())
-            self.heading = None
-            while self.stack and self.stack[-1][0] >= self.heading_level:
-                self.stack.pop()
-            if heading:
-                self.stack.append((self.heading_level, heading))
-                if self.heading_level == 1 and not self.first_h1:
-                    self.first_h1 = heading
-            self.sections.append((HEADING_SEP.join(h for _, h in self.stack), []))
-        elif tag in self.BLOCKS:
-            self.end_paragraph()
-            if tag == "pre":
-                self.pre = max(0, self.pre - 1)
-
-    def handle_data(self, data):
-        if self.in_title:
-            self.title += data
-        if self.skip:
-            return
-        if self.heading is not None:
-            self.heading.append(data)
-        else:
-            self.words.append(data if self.pre else data.replace("\n", " "))   # a newline in HTML is a space
-
-    def line_break(self):
-        """<br>: a line break inside the paragraph ("Saturday:<br>10 am to 4 pm" is one sentence, not two
-        paragraphs)."""
-        if self.heading is not None:
-            self.heading.append(" ")
-        else:
-            self.words.append("\n")
-
-    def end_paragraph(self):
-        raw = "".join(self.words)
-        self.words = []
-        if self.pre:
-            text = raw.strip("\n")
-        else:   # the line breaks left are <br>s: each line's white space collapsed
-            text = "\n".join(" ".join(line.split()) for line in raw.split("\n") if line.strip())
-        if text.strip() and text.strip() != "-":
-            self.sections[-1][1].append(text)
-
-
 def _read_html(text: str, source: str, path: Path) -> Document:
     """Sections at <h1>–<h6>; paragraphs and list items become blocks; scripts, styles and navigation go."""
-    p = _HTMLSections()
-    p.feed(text)
-    p.close()
-    p.end_paragraph()
-    title = " ".join(p.title.split()) or p.first_h1 or path.stem
-    return Document(source, title, [Section(h, "\n\n".join(paras)) for h, paras in p.sections])
+    title, sections = html_sections(text)
+    return Document(source, title or path.stem, [Section(h, "\n\n".join(paras)) for h, paras in sections])
 
 
 def _read_pdf(data: bytes, source: str, path: Path) -> Document:
     """One section per page with text ("page 3"); the title from the PDF's metadata, else the file name."""
-    import pypdf
-    from pypdf.errors import PyPdfError
-    try:
-        reader = pypdf.PdfReader(io.BytesIO(data))
-        if reader.is_encrypted and not reader.decrypt(""):  # many PDFs are "encrypted" with an empty password
-            raise DocumentError(f"{path}: the PDF is encrypted with a password; decrypt it first")
-        title = ""
-        try:
-            title = str((reader.metadata or {}).get("/Title") or "").strip()
-        except (PyPdfError, ValueError, TypeError, KeyError):
-            pass  # unreadable metadata is no reason to refuse the text
-        sections = []
-        for i, page in enumerate(reader.pages, 1):
-            text = page.extract_text() or ""
-            text = re.sub(r"[ \t]+\n", "\n", text.replace("\r\n", "\n")).strip()
-            sections.append(Section(f"page {i}", text))
-    except DocumentError:
-        raise
-    except (PyPdfError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
-            NotImplementedError, OSError, ZeroDivisionError) as e:
-        # pypdf meets damaged files with many exception types; the message says which file and why
-        raise DocumentError(f"{path}: not a readable PDF ({type(e).__name__}: {e})") from None
-    return Document(source, title or path.stem, sections)
+    title, pages = pdf_pages(data, path)
+    return Document(source, title or path.stem, [Section(heading, text) for heading, text in pages])
 
 
 # ----------------------------------------------------------------------------- passages
@@ -286,8 +169,9 @@ ABBREVIATIONS = ("Mr Mrs Ms Dr Prof St Mt Mon Tue Tues Wed Thu Thur Thurs Fri Sa
                  "Sep Sept Oct Nov Dec Tel Fig approx incl excl e.g i.e vs a.m p.m").split()
 _NOT_ABBREVIATION = "".join(rf"(?<!\b{re.escape(a)}\.)" for a in ABBREVIATIONS)
 _CLOSE = "\"'”’)\\]」』）"     # a closing quote or bracket after the stop stays with its sentence
+# (?=\s) first: the abbreviations are looked behind for only where a space follows, not at every full stop
 SENTENCE_END = re.compile(
-    rf"(?:(?<=[!?…])|(?<=\.){_NOT_ABBREVIATION}|(?<=[.!?…][{_CLOSE}]))\s+(?!\d)"      # . ! ? … then a space
+    rf"(?=\s)(?:(?<=[!?…])|(?<=\.){_NOT_ABBREVIATION}|(?<=[.!?…][{_CLOSE}]))\s+(?!\d)"      # . ! ? … then a space
     rf"|(?:(?<=[。！？；])|(?<=[。！？；][{_CLOSE}]))(?![{_CLOSE}])\s*")                # 。！？； need none
 # a line that starts one of these begins a new block; any other line continues the one above (a wrapped line)
 BLOCK_START = re.compile(r"\s*(?:[-*+•]\s|\d{1,3}[.)]\s|#|>|\|)")
@@ -421,7 +305,11 @@ def _chunks(text: str, max_chars: int, overlap_chars: int) -> list[tuple[int, in
 
 
 def iter_files(path) -> list[Path]:
-    """A file → [it]; a folder → its files with a supported extension, sorted, hidden ones left out."""
+    """A file → [it]; a folder → its files with a supported extension, sorted, hidden ones left out.
+
+    Nothing is opened here. A symbolic link to a folder is not walked into (os.walk's followlinks=False: no
+    loops); a name that is a FIFO, or a link to a device or to nothing, is listed all the same, so that
+    read_bounded refuses it by name ("b.md: a FIFO") rather than it vanishing from the report."""
     path = Path(path).expanduser()
     if not path.is_dir():
         return [path]

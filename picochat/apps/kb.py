@@ -32,11 +32,18 @@ question (37% / 60%): the reranking is skipped for one.
 
 The file runs in WAL mode: readers (a server answering questions) never wait for a writer (`kb add`) and
 always see whole documents, because a document's row and all its passages are written in one transaction.
-Embeddings are computed before that transaction opens, so the writer holds the lock for milliseconds.
+`add` embeds the passages of several files at once (ENCODE_BATCH passages per encoder call: one call per
+small file spent most of its time on per-call overhead) before the transaction that writes those files
+opens, so the writer holds the lock for milliseconds.
+
+picochat writes only to SQLite files it created (kb_file.py: the mark, checked before anything is written),
+and every SQLite error comes out as a KnowledgeBaseError naming the file, the problem and what to do.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 import sqlite3
 import threading
@@ -48,7 +55,11 @@ from typing import Callable
 import numpy as np
 
 from ..paths import cache_dir
-from .documents import DocumentError, iter_files, mostly_chinese, read_document, sentences, split_passages
+from .documents import Passage, iter_files, mostly_chinese, read_document, sentences, split_passages
+from .kb_file import (APPLICATION_ID, SCHEMA, EncoderMismatch, KnowledgeBaseError,  # noqa: F401 (kb's API)
+                      KnowledgeBaseLocked, ReadOnlyKnowledgeBase, RemovesEverything, refuse_foreign,
+                      sqlite_problem, statements)
+from .reading import MAX_FILE_BYTES, DocumentError, read_bounded
 from .terms import index_grams, match_terms, query_terms, quoted
 
 SCHEMA_VERSION = 2          # 2: the `grams` column (Chinese words); a version-1 file is upgraded on opening
@@ -57,50 +68,9 @@ ALPHA = 0.4                 # the cosine's weight in the fused score, the word o
 RERANK_DEPTH = 10           # fused candidates reranked by their best sentence
 RERANK_WEIGHT = 0.7         # the best sentence's cosine in the reranked score, the fused score's 1 - it
 SENTENCE_CACHE = 4096       # passages whose sentence vectors are kept between searches
+ENCODE_BATCH = 256          # passages (of one or many files) embedded per encoder call by `add`
+BUSY_TIMEOUT = 30.0         # seconds to wait for another writer before giving up (KnowledgeBase(timeout=))
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS documents (
-    id INTEGER PRIMARY KEY,
-    source TEXT NOT NULL UNIQUE,        -- absolute path of the file
-    sha256 TEXT NOT NULL,               -- of the file's bytes: unchanged files are skipped
-    title TEXT NOT NULL,
-    added_at REAL NOT NULL,             -- unix time of the last (re)indexing
-    passages INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS passages (
-    id INTEGER PRIMARY KEY,
-    document_id INTEGER NOT NULL REFERENCES documents(id),
-    ord INTEGER NOT NULL,               -- position in the document
-    section TEXT NOT NULL,              -- heading path, "Delivery › Returns"
-    text TEXT NOT NULL,
-    start INTEGER NOT NULL,             -- character offset in the document's text
-    vector BLOB NOT NULL,               -- float32 embedding, unit length
-    grams TEXT NOT NULL DEFAULT ''      -- its Chinese as bigrams and characters (index_grams); '' without any
-);
-CREATE INDEX IF NOT EXISTS passages_document ON passages(document_id);
--- the word index reads its text from `passages` (external content); the triggers keep it in step
-CREATE VIRTUAL TABLE IF NOT EXISTS passages_fts USING fts5(
-    text, section, grams, content='passages', content_rowid='id', tokenize='porter unicode61 remove_diacritics 2');
-CREATE TRIGGER IF NOT EXISTS passages_ai AFTER INSERT ON passages BEGIN
-    INSERT INTO passages_fts(rowid, text, section, grams) VALUES (new.id, new.text, new.section, new.grams);
-END;
-CREATE TRIGGER IF NOT EXISTS passages_ad AFTER DELETE ON passages BEGIN
-    INSERT INTO passages_fts(passages_fts, rowid, text, section, grams)
-        VALUES ('delete', old.id, old.text, old.section, old.grams);
-END;
-"""
-
-
-class KnowledgeBaseError(ValueError):
-    """A knowledge base that cannot be used as asked (a newer schema, a different embedding model)."""
-
-
-class EncoderMismatch(KnowledgeBaseError):
-    """The knowledge base's vectors come from another embedding model than the one given."""
-
 
 @dataclass
 class AddReport:
@@ -137,6 +107,15 @@ class Hit:
                                                # (None where not reranked: a Chinese query)
 
 
+@dataclass
+class _Prepared:
+    """A file read and cut into passages, waiting for its passages' vectors (KnowledgeBase.add)."""
+    source: str                 # its absolute path
+    sha: str
+    title: str
+    passages: list[Passage]
+
+
 def kb_path(name: str) -> Path:
     """A knowledge base's file: a name (letters, digits, - _ .) → cache_dir()/kb/NAME.sqlite; a path
     (ending in .sqlite or .db, or with a folder separator in it) → that path."""
@@ -164,45 +143,71 @@ class KnowledgeBase:
     """One knowledge base file. Safe to share between threads (one connection, used under a lock); other
     processes and other KnowledgeBase objects on the same file read while one of them writes."""
 
-    def __init__(self, path, encoder=None, timeout: float = 30.0):
+    def __init__(self, path, encoder=None, timeout: float | None = None):
+        """Open (or create) the knowledge base file at `path`; `timeout` is how long to wait for another
+        writer's lock, BUSY_TIMEOUT seconds by default. Raises KnowledgeBaseError for a file picochat did not
+        create, a folder, a damaged file or one it cannot open, before writing anything to it."""
         self.path = Path(path).expanduser()
+        self.timeout = BUSY_TIMEOUT if timeout is None else float(timeout)
         self._encoder = encoder
         self._lock = threading.RLock()
         self._vectors: tuple[str, np.ndarray, np.ndarray] | None = None  # (generation, ids, matrix)
         self._sentences: tuple[str | None, dict[int, np.ndarray]] = (None, {})  # (generation, id → vectors)
+        self._root: tuple[str | None, str | None] = (None, None)   # (generation, the documents' root folder)
+        refuse_foreign(self.path, self.timeout)   # before sqlite3 writes to it (or switches it to WAL)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
-            self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as e:
+            raise sqlite_problem(self.path, e, self.timeout) from None
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            self._create()   # a new file gets its tables and mark in one transaction, before WAL: a reader
+            self._db.execute("PRAGMA journal_mode = WAL")   # never sees it non-empty but unmarked
             self._db.execute("PRAGMA synchronous = NORMAL")   # in WAL mode: consistent after a crash
-            self._create()
-        except sqlite3.DatabaseError as e:
+        except sqlite3.Error as e:
             self._db.close()
-            raise KnowledgeBaseError(f"{self.path} is not a picochat knowledge base ({e})") from None
+            raise sqlite_problem(self.path, e, self.timeout) from None
         except BaseException:
             self._db.close()
             raise
 
     def _create(self):
-        """Check the schema version; create the tables if this is a new file (only then take the write lock,
-        so that opening a knowledge base never waits for a writer)."""
+        """Check the schema version; create the tables and mark the file if it is new (only then take the
+        write lock, so that opening a knowledge base never waits for a writer); mark an older picochat's
+        file; upgrade an older schema."""
         with self._read():
-            version = self._version()
+            version, marked = self._version(), self._marked()
         if version is None:
             with self._write():
-                version = self._version()
+                version, marked = self._version(), self._marked()   # another process may have created it
                 if version is None:
-                    for statement in _statements(SCHEMA):   # (executescript would commit our transaction)
+                    self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    for statement in statements(SCHEMA):   # (executescript would commit our transaction)
                         self._db.execute(statement)
                     self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                     self._db.execute("INSERT INTO meta VALUES ('generation', '0')")
-                    version = SCHEMA_VERSION
+                    version = marked = SCHEMA_VERSION
         if version > SCHEMA_VERSION:
             raise KnowledgeBaseError(f"{self.path} was written by a newer picochat "
                                      f"(schema {version}; this one reads {SCHEMA_VERSION})")
+        if not marked:
+            self._mark()
         if version < SCHEMA_VERSION:
             self._upgrade()
+
+    def _marked(self) -> bool:
+        return self._db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+
+    def _mark(self):
+        """Mark an older picochat's knowledge base as picochat's (once); one that cannot be written stays
+        readable as it is."""
+        try:
+            with self._write():
+                self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        except ReadOnlyKnowledgeBase:
+            pass
 
     def _upgrade(self):
         """Schema 1 → 2 in one transaction: the word index gets the `grams` column, filled from the passages
@@ -217,15 +222,15 @@ class KnowledgeBase:
                 rows = db.execute("SELECT id, section, text FROM passages").fetchall()
                 db.executemany("UPDATE passages SET grams = ? WHERE id = ?",
                                [(index_grams(section, text), pid) for pid, section, text in rows])
-                for statement in _statements(SCHEMA):   # IF NOT EXISTS: creates the new index and triggers
+                for statement in statements(SCHEMA):   # IF NOT EXISTS: creates the new index and triggers
                     db.execute(statement)
                 db.execute("INSERT INTO passages_fts(passages_fts) VALUES ('rebuild')")
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 self._bump(db)
-        except sqlite3.OperationalError as e:   # a read-only file or folder
-            raise KnowledgeBaseError(f"{self.path} has the schema of an older picochat and must be upgraded "
-                                     f"(its word index rebuilt), but cannot be written ({e}); make it writable "
-                                     f"once, or add its documents to a new knowledge base") from None
+        except ReadOnlyKnowledgeBase as e:
+            raise ReadOnlyKnowledgeBase(f"{self.path} has the schema of an older picochat and must be upgraded "
+                                        f"(its word index rebuilt), but cannot be written ({e.__cause__}); make "
+                                        f"it writable once, or add its documents to a new knowledge base") from None
 
     def _version(self) -> int | None:
         if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
@@ -254,16 +259,38 @@ class KnowledgeBase:
             self.kb._lock.acquire()
             try:
                 self.kb._db.execute(self.begin)
+            except sqlite3.Error as e:
+                self.kb._lock.release()
+                raise self.kb._problem(e) from e
             except BaseException:
                 self.kb._lock.release()
                 raise
             return self.kb._db
 
-        def __exit__(self, exc_type, *exc):
+        def __exit__(self, exc_type, exc, traceback):
             try:
-                self.kb._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                self.kb._end(commit=exc_type is None)
             finally:
                 self.kb._lock.release()
+            if isinstance(exc, sqlite3.Error):   # a statement inside the transaction failed
+                raise self.kb._problem(exc) from exc
+            return False
+
+    def _end(self, commit: bool):
+        """COMMIT or ROLLBACK the open transaction. A commit that fails (locked, disk full) is rolled back,
+        so that nothing of it is written, and raised as a KnowledgeBaseError; a rollback that fails after a
+        failed statement is not raised (the statement's own error says more)."""
+        try:
+            self._db.execute("COMMIT" if commit else "ROLLBACK")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            if commit:
+                raise self._problem(e) from e
+
+    def _problem(self, error: sqlite3.Error) -> KnowledgeBaseError:
+        return sqlite_problem(self.path, error, self.timeout)
 
     def _write(self):
         """A write transaction: IMMEDIATE takes the write lock at once (waiting up to busy_timeout)."""
@@ -327,76 +354,127 @@ class KnowledgeBase:
         return row[0] if row else default
 
     # ------------------------------------------------------------------------- adding and removing
-    def add(self, paths, progress: Callable[[int, int], None] | None = None) -> AddReport:
+    def add(self, paths, progress: Callable[[int, int], None] | None = None,
+            max_bytes: int = MAX_FILE_BYTES) -> AddReport:
         """Index files and folders (walked for .txt .md .markdown .html .htm .pdf); see AddReport.
 
         A file whose bytes are unchanged since it was indexed is skipped; a changed one has its passages
-        replaced. progress(done, total) is called after each file."""
+        replaced. Files are read and split one by one; their passages are embedded ENCODE_BATCH at a time
+        (one encoder call for many small files), and each batch's documents are then written in one
+        transaction (a document is never written in part). progress(done, total) is called after each file;
+        a file over max_bytes is skipped with a reason (reading.read_bounded)."""
         encoder = self.encoder
         with self._read():
             self._check_encoder(encoder)
         report = AddReport()
-        files = []
-        for p in paths:
-            if Path(p).expanduser().exists():
-                files += iter_files(p)
-            else:
-                report.skipped.append((str(p), "no such file or folder"))
-        for done, path in enumerate(files, 1):
-            self._add_file(path, encoder, report)
-            if progress is not None:
-                progress(done, len(files))
+        files = self._files(paths, report)
+        done, pending, waiting = 0, [], 0      # files finished; files read and their passages, not yet embedded
+
+        def finished(n: int):
+            nonlocal done
+            for _ in range(n):
+                done += 1
+                if progress is not None:
+                    progress(done, len(files))
+
+        for path in files:
+            prepared = self._prepare(path, report, max_bytes)
+            if prepared is None:            # unchanged or skipped: already counted in the report
+                finished(1)
+                continue
+            pending.append(prepared)
+            waiting += len(prepared.passages)
+            if waiting >= ENCODE_BATCH:
+                self._store(pending, encoder, report)
+                finished(len(pending))
+                pending, waiting = [], 0
+        if pending:
+            self._store(pending, encoder, report)
+            finished(len(pending))
         return report
 
-    def _add_file(self, path: Path, encoder, report: AddReport):
-        source = str(path.resolve())
+    def _files(self, paths, report: AddReport) -> list[Path]:
+        """The files to index under `paths`, each once (a file given twice, or also through its folder,
+        would otherwise be written twice in one batch); paths that do not exist go to report.skipped."""
+        files, seen = [], set()
+        for p in paths:
+            if not Path(p).expanduser().exists():
+                broken_link = os.path.islink(Path(p).expanduser())   # a loop, or a link to nothing
+                report.skipped.append((str(p), "a symbolic link that leads nowhere (a loop, or its target is "
+                                               "gone)" if broken_link else "no such file or folder"))
+                continue
+            for path in iter_files(p):
+                real = os.path.realpath(path)   # Path.resolve() raises on a link loop inside the folder
+                if real not in seen:
+                    seen.add(real)
+                    files.append(path)
+        return files
+
+    def _prepare(self, path: Path, report: AddReport, max_bytes: int) -> _Prepared | None:
+        """A file read and cut into passages, ready to embed; None (counted in the report) when its bytes are
+        unchanged since it was indexed, or it cannot be read, or it holds no text."""
+        source = os.path.realpath(path)
         try:
-            data = path.read_bytes()
+            data = read_bounded(path, max_bytes)
+        except DocumentError as e:      # a FIFO, a device, a file over the size limit, a symlink loop
+            report.skipped.append((os.path.abspath(path), str(e)))   # the link's name, not /dev/zero
+            return None
         except OSError as e:
-            report.skipped.append((source, f"unreadable: {e.strerror or e}"))
-            return
+            report.skipped.append((os.path.abspath(path), f"unreadable: {e.strerror or e}"))
+            return None
         sha = hashlib.sha256(data).hexdigest()
         with self._read() as db:
             row = db.execute("SELECT sha256 FROM documents WHERE source = ?", (source,)).fetchone()
         if row is not None and row[0] == sha:
             report.unchanged += 1
-            return
+            return None
         try:
             doc = read_document(path, data)
         except DocumentError as e:
             report.skipped.append((source, str(e)))
-            return
+            return None
         passages = split_passages(doc)
         if not passages:
             report.skipped.append((source, "no text found" + (" (a scanned PDF?)" if path.suffix.lower() == ".pdf"
                                                               else "")))
-            return
+            return None
+        return _Prepared(source, sha, doc.title, passages)
+
+    def _store(self, prepared: list[_Prepared], encoder, report: AddReport):
+        """Embed the passages of several files in one encoder call, then write them all in one transaction."""
+        texts = [_embedding_text(p.section, p.text) for doc in prepared for p in doc.passages]
         # the slow part, outside any transaction: readers and other writers are not held up by it
-        vectors = encoder.encode([_embedding_text(p.section, p.text) for p in passages])
+        vectors = encoder.encode(texts)
         with self._write() as db:
             self._check_encoder(encoder)   # another writer may have set the model meanwhile
             db.execute("INSERT OR IGNORE INTO meta VALUES ('embedding_model', ?)", (encoder.name,))
             db.execute("INSERT OR IGNORE INTO meta VALUES ('embedding_dim', ?)", (str(encoder.dim),))
-            old = db.execute("SELECT id FROM documents WHERE source = ?", (source,)).fetchone()
-            if old is not None:
-                doc_id = old[0]
-                db.execute("DELETE FROM passages WHERE document_id = ?", (doc_id,))
-                db.execute("UPDATE documents SET sha256 = ?, title = ?, added_at = ?, passages = ? WHERE id = ?",
-                           (sha, doc.title, time.time(), len(passages), doc_id))
-            else:
-                doc_id = db.execute("INSERT INTO documents (source, sha256, title, added_at, passages) "
-                                    "VALUES (?, ?, ?, ?, ?)",
-                                    (source, sha, doc.title, time.time(), len(passages))).lastrowid
-            db.executemany("INSERT INTO passages (document_id, ord, section, text, start, vector, grams) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           [(doc_id, i, p.section, p.text, p.start, vectors[i].astype(np.float32).tobytes(),
-                             index_grams(p.section, p.text)) for i, p in enumerate(passages)])
+            at, replaced = 0, []
+            for doc in prepared:
+                replaced.append(self._write_document(db, doc, vectors[at:at + len(doc.passages)]))
+                at += len(doc.passages)
             self._bump(db)
-        if old is None:
-            report.added += 1
+        report.updated += sum(replaced)             # counted once committed
+        report.added += len(replaced) - sum(replaced)
+        report.passages += len(texts)
+
+    def _write_document(self, db, doc: _Prepared, vectors: np.ndarray) -> bool:
+        """Insert a document and its passages, or replace those of the same source; whether it replaced."""
+        old = db.execute("SELECT id FROM documents WHERE source = ?", (doc.source,)).fetchone()
+        if old is not None:
+            doc_id = old[0]
+            db.execute("DELETE FROM passages WHERE document_id = ?", (doc_id,))
+            db.execute("UPDATE documents SET sha256 = ?, title = ?, added_at = ?, passages = ? WHERE id = ?",
+                       (doc.sha, doc.title, time.time(), len(doc.passages), doc_id))
         else:
-            report.updated += 1
-        report.passages += len(passages)
+            doc_id = db.execute("INSERT INTO documents (source, sha256, title, added_at, passages) "
+                                "VALUES (?, ?, ?, ?, ?)",
+                                (doc.source, doc.sha, doc.title, time.time(), len(doc.passages))).lastrowid
+        db.executemany("INSERT INTO passages (document_id, ord, section, text, start, vector, grams) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [(doc_id, i, p.section, p.text, p.start, vectors[i].astype(np.float32).tobytes(),
+                         index_grams(p.section, p.text)) for i, p in enumerate(doc.passages)])
+        return old is not None
 
     def _bump(self, db):
         """Count a change, so that every reader's cached vectors know to reload."""
@@ -406,19 +484,43 @@ class KnowledgeBase:
         db.execute("DELETE FROM passages WHERE document_id = ?", (doc_id,))
         db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
 
-    def remove(self, source) -> bool:
+    def remove(self, source, everything: bool = False) -> bool:
         """Forget a document (by its path, which need not exist any more), or every document under a folder.
-        Whether anything was removed."""
+        Whether anything was removed.
+
+        Raises KnowledgeBaseError for an empty path (an unset shell variable: it would resolve to the
+        current folder), and RemovesEverything for a folder that holds every document (".", "/", the folder
+        of them all) unless everything=True: emptying a knowledge base must be asked for."""
+        if not str(source).strip():
+            raise KnowledgeBaseError("an empty path names no document (an unset shell variable?); give the file "
+                                     "or folder to remove")
         path = str(Path(source).expanduser().resolve())
+        folder = path.rstrip("/") + "/"
         with self._write() as db:
-            folder = path.rstrip("/") + "/"
-            rows = db.execute("SELECT id FROM documents WHERE source = ? OR source = ? OR substr(source, 1, ?) = ?",
-                              (path, str(source), len(folder), folder)).fetchall()
-            for (doc_id,) in rows:
+            exact = db.execute("SELECT id FROM documents WHERE source = ? OR source = ?",
+                               (path, str(source))).fetchall()
+            under = db.execute("SELECT id FROM documents WHERE substr(source, 1, ?) = ?",
+                               (len(folder), folder)).fetchall()
+            ids = {row[0] for row in exact + under}
+            total = db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+            if under and len(ids) == total and not everything:
+                raise RemovesEverything(f"{str(source)!r} is the folder {folder}, which holds all {total} "
+                                        f"documents of {self.path}")
+            for doc_id in ids:
                 self._delete(db, doc_id)
-            if rows:
+            if ids:
                 self._bump(db)
-        return bool(rows)
+        return bool(ids)
+
+    def remove_all(self) -> int:
+        """Forget every document (the settings and the embedding model stay); how many there were."""
+        with self._write() as db:
+            total = db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+            db.execute("DELETE FROM passages")
+            db.execute("DELETE FROM documents")
+            if total:
+                self._bump(db)
+        return total
 
     def sync(self) -> list[str]:
         """Remove the documents whose files are gone; the sources removed."""
@@ -426,6 +528,24 @@ class KnowledgeBase:
         for source in gone:
             self.remove(source)
         return gone
+
+    def root(self) -> str | None:
+        """The folder all documents are under (their deepest common folder), for showing sources without
+        the machine's own paths; None when there are no documents or their only common folder is the
+        filesystem's root. Cached until a writer changes the knowledge base."""
+        with self._read() as db:
+            generation = self._meta("generation")
+            if self._root[0] == generation:
+                return self._root[1]
+            folders = [str(Path(row[0]).parent) for row in db.execute("SELECT DISTINCT source FROM documents")]
+        try:
+            common = Path(os.path.commonpath(folders)) if folders else None
+        except ValueError:              # Windows: sources on different drives
+            common = None
+        root = str(common) if common is not None and common != Path(common.anchor) else None
+        with self._lock:
+            self._root = (generation, root)
+        return root
 
     def documents(self) -> list[DocumentInfo]:
         """The documents indexed, by source path."""
@@ -524,13 +644,3 @@ class KnowledgeBase:
             return [cache[h.id] for h in hits]
 
 
-def _statements(script: str) -> list[str]:
-    """Split a schema script into statements (a trigger's body holds `;` of its own)."""
-    out, current = [], []
-    for line in script.strip().splitlines():
-        current.append(line)
-        text = "\n".join(current)
-        if line.rstrip().endswith(";") and sqlite3.complete_statement(text):
-            out.append(text)
-            current = []
-    return out

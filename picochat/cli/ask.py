@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from ..apps.reading import MAX_FILE_BYTES, MAX_FILE_FLAG
 from .common import add_kb_args, add_model_args, add_remote_args, backend, open_kb
 
 HELP = "answer a question from a knowledge base or a file, showing the passage used"
@@ -15,11 +16,26 @@ def add_arguments(p):
     add_remote_args(p)
     add_kb_args(p, "answer from the knowledge base NAME")
     p.add_argument("--file", default=None, help="answer from this file (text, Markdown, HTML or PDF)")
+    add_max_file_arg(p, "--file")
     p.add_argument("--quote", action="store_true",
                    help="answer with the exact sentence of the text that answers (extractive: no model runs)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=None)
+
+
+def add_max_file_arg(p, what: str, default_bytes: int = MAX_FILE_BYTES):
+    """--max-file-mb N: the bound on what documents.py reads (a FIFO or /dev/zero, too, is refused)."""
+    p.add_argument(MAX_FILE_FLAG, type=float, default=default_bytes / 2**20, metavar="N",
+                   help=f"refuse a {what} over N MB (MiB; default {default_bytes / 2**20:g}): what is read is "
+                        f"held in memory")
+
+
+def max_file_bytes(args) -> int:
+    """--max-file-mb in bytes."""
+    if not args.max_file_mb > 0:
+        raise ValueError(f"{MAX_FILE_FLAG} must be a positive number of megabytes")
+    return int(args.max_file_mb * 2**20)
 
 
 def run(args) -> int:
@@ -31,7 +47,7 @@ def run(args) -> int:
         raise ValueError("give the text to answer from: --kb NAME or --file FILE (one of them)")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="picochat-ask-") as tmp:
-        kb = open_kb(args.kb) if args.kb else file_kb(args.file, tmp)
+        kb = open_kb(args.kb) if args.kb else file_kb(args.file, tmp, max_file_bytes(args))
         # --quote answers with the text's own sentence: no model is loaded
         model = None if args.quote else backend(args, extra_body=NO_GROUNDING)
         result = assistant.answer(model, kb, args.question, params, k=args.top_k_passages,
@@ -50,12 +66,16 @@ def run(args) -> int:
     return 0
 
 
-def file_kb(path: str, folder: str):
+def file_kb(path: str, folder: str, max_bytes: int = MAX_FILE_BYTES):
     """A one-off knowledge base of one file, in a temporary folder."""
+    from ..apps.reading import read_bounded
     from ..apps.kb import KnowledgeBase
     from ..load import load_encoder
+    # refused here, by name, before the encoder loads: a FIFO, a device, a symbolic link loop, a file over
+    # max_bytes
+    read_bounded(path, max_bytes)
     kb = KnowledgeBase(f"{folder}/ask.sqlite", encoder=load_encoder())
-    report = kb.add([path])
+    report = kb.add([path], max_bytes=max_bytes)
     if report.skipped:
         raise ValueError(f"cannot read {path}: {report.skipped[0][1]}")
     return kb

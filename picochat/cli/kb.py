@@ -13,7 +13,9 @@ DESCRIPTION = ("A knowledge base is an SQLite file (in ~/.cache/picochat/kb/NAME
 
 def add_arguments(kb):
     ks = kb.add_subparsers(dest="kb_command", required=True)
-    p = ks.add_parser("add", help="add (or update) files and folders")
+    p = ks.add_parser("add", help="add (or update) files and folders",
+                      description="Add (or update) files and folders. Exit status 1 when no file was added, "
+                                  "updated or found unchanged (every file skipped, or none found); 0 otherwise.")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--kb", required=True, metavar="NAME")
     p.add_argument("--persona", default=None, help="the assistant's system prompt for this knowledge base")
@@ -28,9 +30,13 @@ def add_arguments(kb):
     p.add_argument("-k", type=int, default=5, help="results (default 5)")
     p = ks.add_parser("ls", help="list knowledge bases, or with --kb the documents of one")
     p.add_argument("--kb", default=None, metavar="NAME")
-    p = ks.add_parser("rm", help="remove documents")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p = ks.add_parser("rm", help="remove documents",
+                      description="Remove documents by file, or every document under a folder. A folder that "
+                                  "holds every document (., /, the folder of them all) is refused without --all.")
+    p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--kb", required=True, metavar="NAME")
+    p.add_argument("--all", action="store_true",
+                   help="remove every document (alone, or to let a PATH that holds them all remove them)")
 
 
 def run(args) -> int:
@@ -50,7 +56,12 @@ def add(args) -> int:
     print(f"{args.kb}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged "
           f"({report.passages} passages)")
     for path, reason in report.skipped:
-        print(f"  skipped {path}: {reason}", file=sys.stderr)
+        print(f"  skipped {path}: {reason.removeprefix(f'{path}: ')}", file=sys.stderr)   # named once
+    if report.added + report.updated + report.unchanged == 0:   # unchanged files: nothing to do, not an error
+        found = (f"every file was skipped ({len(report.skipped)})" if report.skipped
+                 else "no .txt .md .markdown .html .htm .pdf files found")
+        print(f"picochat: error: nothing was added to {args.kb}: {found}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -94,8 +105,20 @@ def ls(args) -> int:
 
 
 def rm(args) -> int:
+    from ..apps.kb import RemovesEverything
+    if not args.paths and not args.all:
+        raise ValueError("give the files or folders to remove, or --all to remove every document")
+    if any(not p.strip() for p in args.paths):   # checked before any is removed
+        raise ValueError("an empty PATH names no document (an unset shell variable?); give the file or folder "
+                         f"to remove, or --all to remove every document of {args.kb}")
     kb = open_kb(args.kb)
-    missing = [p for p in args.paths if not kb.remove(p)]
+    if not args.paths:
+        print(f"{args.kb}: {kb.remove_all()} document(s) removed")
+        return 0
+    try:
+        missing = [p for p in args.paths if not kb.remove(p, everything=args.all)]
+    except RemovesEverything as e:
+        raise ValueError(f"{e.what}; to remove them all, run `picochat kb rm --all --kb {args.kb}`") from None
     for p in missing:
         print(f"picochat: warning: {p} is not in {args.kb}", file=sys.stderr)
     print(f"{args.kb}: {len(args.paths) - len(missing)} document(s) removed")

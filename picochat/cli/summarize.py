@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import sys
 
-from .ask import NO_GROUNDING
+from ..apps.reading import MAX_FILE_BYTES
+from .ask import NO_GROUNDING, add_max_file_arg, max_file_bytes
 from .common import add_model_args, add_remote_args, backend, progress_bar
 
 HELP = "summarize a document of any length (map-reduce over its parts)"
+# a long book is ~1 MB; 4 MiB is about a million tokens, hours of reading on a laptop: more is likely a mistake
+SUMMARY_MAX_BYTES = 4 * 2**20
 
 
 def add_arguments(p):
@@ -17,12 +20,13 @@ def add_arguments(p):
     p.add_argument("--ctx-size", type=int, default=None, help="context to split for (default: the model's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
+    add_max_file_arg(p, "file (or standard input)", SUMMARY_MAX_BYTES)
 
 
 def run(args) -> int:
     from ..apps.summarize import summarize
     from ..engine.sampling import SamplingParams
-    text = read_input(args.file)
+    text = read_input(args.file, max_file_bytes(args))
     if not text.strip():
         raise ValueError(f"{args.file} holds no text to summarize")
     model = backend(args, extra_body=NO_GROUNDING)
@@ -38,12 +42,14 @@ def run(args) -> int:
     return 0
 
 
-def read_input(path: str) -> str:
-    """A file's text ('-': standard input); documents in other formats are read as the knowledge base reads them."""
-    if path == "-":
-        return sys.stdin.read()
+def read_input(path: str, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """A file's text ('-': standard input), at most max_bytes of it; documents in other formats are read as the
+    knowledge base reads them. DocumentError for more, or for binary data."""
     from ..apps.documents import read_document
-    document = read_document(path)
+    from ..apps.reading import decode_text, read_stream_bounded
+    if path == "-":
+        return decode_text(read_stream_bounded(sys.stdin, max_bytes), "standard input")
+    document = read_document(path, max_bytes=max_bytes)
     return "\n\n".join((f"{s.heading}\n{s.text}" if s.heading else s.text) for s in document.sections)
 
 

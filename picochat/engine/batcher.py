@@ -25,6 +25,8 @@ from . import sampling
 from .sampling import SamplingParams
 from .speculative import Speculation
 
+CALL_SECONDS = 0.25   # other model work (embeddings, retrieval) run between two steps while requests generate
+
 
 class QueueFull(RuntimeError):
     """The batcher's waiting queue is at its limit (or the batcher is shutting down); try again later."""
@@ -186,7 +188,12 @@ class Batcher:
                 self._fail_all(e)
 
     def _run_calls(self):
+        """Queued calls, but while requests are generating at most CALL_SECONDS of them before the next
+        step, so a stream's next chunk never waits behind a queue of model work (embeddings come in slices)."""
+        start = time.monotonic()
         while self._calls:
+            if (self.active or self.prefilling is not None) and time.monotonic() - start > CALL_SECONDS:
+                return
             fn, future = self._calls.popleft()
             if future.set_running_or_notify_cancel():
                 try:

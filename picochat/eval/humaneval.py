@@ -78,8 +78,8 @@ def _cut_at_stop(text: str) -> str:
 
 def check(problem: Problem, code: str, timeout: float = 10.0, memory_mb: int = 512) -> SandboxResult:
     """Run `code` (a program defining the function, e.g. from completion_code) with the problem's tests."""
-    program = f"{code}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
-    return run_python(program, timeout=timeout, memory_mb=memory_mb)
+    tests = f"{problem.test}\n\ncheck({problem.entry_point})\n"
+    return run_python(code, tests, timeout=timeout, memory_mb=memory_mb)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

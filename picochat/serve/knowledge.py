@@ -26,6 +26,15 @@ class Knowledge:
             self._kbs[name] = self.open_kb(name, encoder=self.encoder())
         return self._kbs[name]
 
+    def ground(self, name: str, question: str) -> assistant.Grounding:
+        """Retrieval for one question from the knowledge base `name`, its sources to be shown relative to the
+        knowledge base's folder (the API never shows the server's own paths)."""
+        kb = self.kb(name)
+        grounding = assistant.ground(kb, question, min_similarity=self.min_similarity)
+        # a stand-in knowledge base without root() (the tests' FakeKB) shows file names only
+        grounding.root = kb.root() if hasattr(kb, "root") else None
+        return grounding
+
     def encoder(self):
         if self._encoder is None:
             if self.load_encoder is None:

@@ -12,7 +12,8 @@ disconnects stops its generation; a request that fails ends alone.
 
 With `--kb`, a chat request is grounded in a knowledge base first (apps/assistant.py: retrieve, then a
 prompt with numbered sources, or a decline with no generation, written by the same builders); the reply
-gets its sources appended and the response an extra `retrieval` field. Retrieval and embeddings also run
+gets its sources appended and the response an extra `retrieval` field (each source's path relative to the
+knowledge base's folder: a response never shows the server's own paths). Retrieval and embeddings also run
 on the Batcher's thread (between decode steps), so the sentence encoder and the model never compete for
 the CPU's cores.
 """
@@ -30,7 +31,7 @@ from ..apps import assistant
 from ..engine.batcher import QueueFull
 from ..engine.generation import Generation
 from ..engine.sampling import SamplingParams, TokenLogprob
-from .protocol import (MAX_BODY_BYTES, APIError, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
+from .protocol import (EMBEDDING_SLICE_TOKENS, MAX_BODY_BYTES, MAX_EMBEDDING_TOKENS, APIError, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
                        ChatLogprobs, ChatMessage, ChatRequest, ChatTokenLogprob, ChunkChoice, Completion,
                        CompletionChoice, CompletionLogprobs, CompletionRequest, Embedding, EmbeddingList,
                        EmbeddingRequest, EmbeddingUsage, PromptTokensDetails, RequestError, Retrieval, Timings,
@@ -315,8 +316,7 @@ async def ground_chat(state: ServerState, body: ChatRequest) -> assistant.Ground
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
     knowledge = state.knowledge
-    grounding = await state.on_engine_thread(
-        lambda: assistant.ground(knowledge.kb(name), question, min_similarity=knowledge.min_similarity))
+    grounding = await state.on_engine_thread(lambda: knowledge.ground(name, question))
     grounding.kb = name
     return grounding
 
@@ -395,11 +395,28 @@ async def embeddings(request: Request):
         raise APIError(400, f"'{encoder.name}' embeds in {encoder.dim} dimensions; 'dimensions' must be "
                             f"{encoder.dim} or absent", "dimensions")
     texts = body.texts()
-    vectors, counts = await state.on_engine_thread(lambda: (encoder.encode(texts), encoder.count_tokens(texts)))
-    data = [Embedding(index=i, embedding=embedding_value(v, body.encoding_format)) for i, v in enumerate(vectors)]
+    counts = await state.on_engine_thread(lambda: encoder.count_tokens(texts))
     tokens = int(sum(counts))
+    if tokens > MAX_EMBEDDING_TOKENS:
+        raise APIError(400, f"the input has {tokens} tokens; at most {MAX_EMBEDDING_TOKENS} per request: "
+                            f"send the texts in several requests", "input", "too_many_tokens")
+    vectors = []
+    for part in token_slices(counts, EMBEDDING_SLICE_TOKENS):   # streams decode between two slices
+        vectors += await state.on_engine_thread(lambda part=part: list(encoder.encode(texts[part])))
+    data = [Embedding(index=i, embedding=embedding_value(v, body.encoding_format)) for i, v in enumerate(vectors)]
     return json_response(EmbeddingList(data=data, model=encoder.name,
                                        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)))
+
+
+def token_slices(counts: list[int], budget: int) -> list[slice]:
+    """Consecutive runs of texts holding at most `budget` tokens each (a longer text alone)."""
+    slices, start, total = [], 0, 0
+    for i, n in enumerate(counts):
+        if i > start and total + n > budget:
+            slices.append(slice(start, i))
+            start, total = i, 0
+        total += n
+    return slices + [slice(start, len(counts))]
 
 
 def embedding_value(vector, encoding_format: str) -> list[float] | str:

@@ -36,6 +36,8 @@ SEED_RANGE = (-(1 << 63), (1 << 64) - 1)   # what torch.Generator.manual_seed ac
 MAX_REPETITION_PENALTY = 100.0
 MAX_EMBEDDING_INPUTS = 2048        # texts per embeddings request, as OpenAI allows
 MAX_EMBEDDING_CHARS = 100_000      # per text (the encoder reads its first 256 tokens)
+MAX_EMBEDDING_TOKENS = 300_000     # per request, summed over its texts, as OpenAI allows
+EMBEDDING_SLICE_TOKENS = 1024      # encoded in one go between two decode steps (~0.5 s on 2 cores)
 
 
 class RequestError(ValueError):
@@ -81,7 +83,29 @@ def parse_json(raw: bytes) -> dict:
         raise RequestError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", code="invalid_json")
+    where = lone_surrogate(body)
+    if where is not None:   # JSON allows "\ud800"; no tokenizer (nor UTF-8) can take it
+        raise RequestError(f"{where} contains a lone surrogate (\\ud800-\\udfff), which is not text: send valid "
+                           f"UTF-16 pairs or the character itself", param=where)
     return body
+
+
+def lone_surrogate(value, path: str = "") -> str | None:
+    """The path ("messages[0].content") of the first string, key or value, holding a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "the body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        here = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        found = lone_surrogate(key, here) if isinstance(key, str) else None
+        found = found or lone_surrogate(item, here)
+        if found is not None:
+            return found
+    return None
 
 
 # ----------------------------------------------------------------------------- the requests
