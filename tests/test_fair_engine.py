@@ -69,6 +69,25 @@ def test_a_stream_keeps_flowing_while_a_large_embeddings_request_runs(live):
     assert max(gaps) < 1.5, f"a chunk waited {max(gaps):.2f} s"
 
 
+def test_a_stream_that_arrives_during_three_embeddings_requests_is_admitted_and_flows(live):
+    texts = [" ".join(["word"] * 200)] * 15   # 3,000 tokens each: 1.5 s of encoding, in slices
+    posts = [threading.Thread(target=live.post, args=("/v1/embeddings", {"model": "fake-embedder", "input": texts}),
+                              kwargs={"timeout": 120}) for _ in range(3)]
+    for post in posts:
+        post.start()
+    time.sleep(0.3)   # all are encoding, one slice after the other
+    started, gaps = threading.Event(), []
+    began = time.monotonic()
+    stream_gaps_into = threading.Thread(target=lambda: gaps.extend(stream_gaps(live, 200, started)))
+    stream_gaps_into.start()
+    assert started.wait(30)
+    first_chunk = time.monotonic() - began
+    stream_gaps_into.join(120)
+    for post in posts:
+        post.join(120)
+    assert first_chunk < 1.0 and max(gaps) < 0.8, (first_chunk, max(gaps))   # a slice is 0.5 s
+
+
 def test_an_embeddings_request_over_the_token_budget_is_refused_by_name(live, monkeypatch):
     monkeypatch.setattr("picochat.serve.openai.MAX_EMBEDDING_TOKENS", 100)
     r = live.post("/v1/embeddings", {"model": "fake-embedder", "input": ["one two three"] * 40})
@@ -89,6 +108,7 @@ def test_token_slices_cover_every_text_once_within_the_budget():
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a\udc00"}]},
      "messages[0].content"),
     ("/v1/completions", {"model": "tiny", "prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "\ud800": 1}, "\\ud800"),   # in a key
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                               "stop": ["\udfff"]}, "stop[0]"),
 ])

@@ -257,6 +257,25 @@ def test_symbolic_link_loops_and_devices_are_skipped_by_name(tmp_path):
     assert "symbolic link that leads nowhere" in reasons["here.md"]
 
 
+def test_one_odd_file_does_not_stop_the_others_and_the_size_flag_reaches_kb_add(tmp_path, capsys, no_model):
+    docs = write_pages(tmp_path / "docs")
+    (docs / "refs.html").write_text("<p>&#" + "0" * 5000 + "65; is A</p>")   # more digits than int() takes
+    (docs / "big.md").write_text("# Big\n\n" + "A sentence of the big page. " * 60_000)   # ~1.7 MB
+    kb = tmp_path / "kb.sqlite"
+    code, out, err = run(["kb", "add", docs, "--kb", kb, "--max-file-mb", "1"], capsys)
+    assert code == 0 and "4 added" in out and "big.md" in err and "over the 1 MB limit" in err
+    code, out, _ = run(["kb", "add", docs, "--kb", kb, "--max-file-mb", "2"], capsys)
+    assert code == 0 and "1 added" in out
+    code, _, err = run(["kb", "add", docs, "--kb", kb, "--max-file-mb", "inf"], capsys)
+    assert code == 1 and "--max-file-mb must be a positive number" in err
+
+
+def test_a_fifo_as_knowledge_base_path_is_refused_without_waiting(tmp_path):
+    os.mkfifo(tmp_path / "kb.sqlite")
+    with pytest.raises(KnowledgeBaseError, match="not a regular file"):
+        KnowledgeBase(tmp_path / "kb.sqlite", FakeEncoder())
+
+
 # ----------------------------------------------------------------------------- sources in API responses
 def test_relative_source_and_root(tmp_path):
     assert assistant.relative_source("/srv/docs/a/x.md", "/srv/docs") == "a/x.md"

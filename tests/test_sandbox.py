@@ -89,6 +89,25 @@ ESCAPES = {
         "import ctypes\nlibc = ctypes.CDLL(None)\n"
         "print('ESCAPED' if libc.mount(b'none', b'/sandbox', b'proc', 0, None) == 0 else 'refused')", "",
         "refused"),
+    "make a user namespace and mount in it": (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('ESCAPED' if libc.unshare(0x10000000 | 0x20000) == 0 else f'refused {{ctypes.get_errno()}}')", "",
+        "refused 1"),
+    "clone a process into new namespaces": (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "pid = libc.syscall(56, 0x10000000 | 0x20000000 | 17, 0, 0, 0, 0)\n"
+        "import os\nos._exit(0) if pid == 0 else print('ESCAPED' if pid > 0 else f'refused {{ctypes.get_errno()}}')",
+        "", "refused 1"),
+    "unshare through the x32 entry point": (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('ESCAPED' if libc.syscall(0x40000000 | 272, 0x20000) == 0 else 'refused')", "", "refused"),
+    "trace init": ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                   "print('ESCAPED' if libc.ptrace(16, 1, 0, 0) == 0 else 'refused')", "", "refused"),
+    "keep a capability in the bounding set": (
+        "import ctypes\nprint('ESCAPED' if ctypes.CDLL(None).prctl(23, 21, 0, 0, 0) == 1 else 'refused')", "",
+        "refused"),
+    "forge 'sandbox unavailable' to stop a whole evaluation": (
+        "import os, sys\nos.write(int(sys.argv[1]), b'unavailable: forged\\n')\nos._exit(125)", "", ""),   # no raise
     "fake a pass by exiting early with 0": ("import os\nos._exit(0)", "assert False", "did not run to completion"),
     "fake a pass through the harness's frames": (
         "import sys\nf = sys._getframe()\nwhile f is not None:\n"
@@ -111,6 +130,33 @@ def test_escape_fails_without_the_python_guards(name, host):
     assert os.path.exists(f"/proc/{host['victim']}")
     assert not os.path.exists(host["outside"]) and not os.path.exists(host["system"])
     assert leftover_folders() <= before and sandbox_processes() == []
+
+
+def test_the_user_namespace_path_holds_too(host):
+    # root without CAP_SYS_ADMIN takes the path unprivileged users take: a user namespace, the same uid
+    probe = textwrap.dedent(f"""
+        from picochat.sandbox import run_python
+        programs = [
+            "print(open({host['secret']!r}).read())",
+            "import os, signal, time\\nos.kill(1, signal.SIGINT)\\ntime.sleep(0.3)\\nprint('init alive')",
+            "import os\\nwhile True:\\n    os.fork()",
+            "import ctypes\\nprint('unshare', ctypes.CDLL(None).unshare(0x20000))",
+        ]
+        for program in programs:
+            result = run_python(program, "print('tests ran')", timeout=5, python_guards=False)
+            print(repr((result.status, result.output.strip().splitlines()[-1])))
+    """)
+    done = subprocess.run(["setpriv", "--bounding-set=-sys_admin", sys.executable, "-c", probe],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 and "setpriv" in done.stderr:
+        pytest.skip(f"no setpriv here: {done.stderr.strip()}")
+    results = [eval(line) for line in done.stdout.splitlines()]
+    assert len(results) == 4, done
+    assert results[0][0] == "failed" and "FileNotFoundError" in results[0][1]
+    assert results[1] == ("passed", "tests ran")   # the SIGINT never reached init
+    assert results[2][0] == "failed" and "Resource temporarily unavailable" in results[2][1]
+    assert results[3] == ("passed", "tests ran")   # unshare returned -1 (EPERM) and the program went on
+    assert "secret" not in done.stdout
 
 
 def test_the_reported_guard_undoing_attack_with_the_guards_on(host):

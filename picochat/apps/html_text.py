@@ -185,13 +185,20 @@ def _tag_end(text: str, i: int) -> int:
 
 
 def _unescape(text: str) -> str:
-    """html.unescape, safe with a numeric reference too long for int() ("&#999…9"): any over 7 digits is
-    past the last code point, and becomes U+FFFD, as html.unescape makes of the others past it."""
+    """html.unescape, safe with a numeric reference too long for int() ("&#999…9", "&#000…065;"): its
+    digits are rewritten without leading zeros first, and any over 7 digits is past the last code point, so
+    U+FFFD, as html.unescape makes of the others past it."""
     if "&" not in text:
         return text
-    text = _CHAR_REF_NUMBER.sub(lambda m: "\ufffd" if len((m.group(1) or m.group(2)).lstrip("0")) > 7
-                                else m.group(), text)
-    return html.unescape(text)
+    return html.unescape(_CHAR_REF_NUMBER.sub(_short_reference, text))
+
+
+def _short_reference(m: re.Match) -> str:
+    hexadecimal = m.group(1) is not None
+    digits = (m.group(1) if hexadecimal else m.group(2)).lstrip("0") or "0"
+    if len(digits) > 7:
+        return "\ufffd"
+    return f"&#{'x' if hexadecimal else ''}{digits}" + (";" if m.group().endswith(";") else "")
 
 
 def html_sections(text: str) -> tuple[str, list[tuple[str, list[str]]]]:

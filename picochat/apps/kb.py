@@ -433,6 +433,9 @@ class KnowledgeBase:
         except DocumentError as e:
             report.skipped.append((source, str(e)))
             return None
+        except Exception as e:   # a reader's bug met by one odd file must not stop the other files
+            report.skipped.append((source, f"could not be read ({type(e).__name__}: {e})"))
+            return None
         passages = split_passages(doc)
         if not passages:
             report.skipped.append((source, "no text found" + (" (a scanned PDF?)" if path.suffix.lower() == ".pdf"
@@ -494,7 +497,7 @@ class KnowledgeBase:
         if not str(source).strip():
             raise KnowledgeBaseError("an empty path names no document (an unset shell variable?); give the file "
                                      "or folder to remove")
-        path = str(Path(source).expanduser().resolve())
+        path = os.path.realpath(Path(source).expanduser())   # not resolve(): it raises on a link loop
         folder = path.rstrip("/") + "/"
         with self._write() as db:
             exact = db.execute("SELECT id FROM documents WHERE source = ? OR source = ?",

@@ -111,6 +111,8 @@ def refuse_foreign(path: Path, timeout: float):
     if path.is_dir():
         raise KnowledgeBaseError(f"{path} is a folder, not a knowledge base file; give a file path ending in "
                                  f".sqlite, or a knowledge base name")
+    if path.exists() and not path.is_file():   # a FIFO would hold open() (and SQLite) forever
+        raise KnowledgeBaseError(f"{path} is not a regular file, so not a knowledge base; give another path")
     try:
         with open(path, "rb") as f:
             header = f.read(100)

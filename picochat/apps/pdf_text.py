@@ -106,7 +106,10 @@ def _stream_bytes(stream, limit: int) -> int:
     """A stream's decoded size; a Flate stream is inflated only up to `limit` bytes, so a small file that
     inflates to gigabytes is measured without being held."""
     raw = getattr(stream, "_data", None)
-    if stream.get("/Filter") == "/FlateDecode" and isinstance(raw, bytes) and \
+    filters = stream.get("/Filter")
+    if isinstance(filters, list) and len(filters) == 1:   # [/FlateDecode] is /FlateDecode
+        filters = filters[0]
+    if filters == "/FlateDecode" and isinstance(raw, bytes) and \
             getattr(stream, "decoded_self", None) is None:
         try:
             return len(zlib.decompressobj().decompress(raw, limit))

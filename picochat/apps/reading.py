@@ -45,6 +45,7 @@ def read_bounded(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     blocks on a FIFO and never reads more than max_bytes + 1 bytes, even from a file that grows meanwhile."""
     path = Path(path).expanduser()
     real = _real_path(path)
+    _check_regular(path, _mode_or_zero(real))   # before opening: opening some devices does something
     try:
         fd = os.open(real, _OPEN_FLAGS)
     except FileNotFoundError:

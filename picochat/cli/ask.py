@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from ..apps.reading import MAX_FILE_BYTES, MAX_FILE_FLAG
-from .common import add_kb_args, add_model_args, add_remote_args, backend, open_kb
+from ..apps.reading import MAX_FILE_BYTES
+from .common import add_kb_args, add_max_file_arg, add_model_args, add_remote_args, backend, max_file_bytes, open_kb
 
 HELP = "answer a question from a knowledge base or a file, showing the passage used"
 NO_GROUNDING = {"kb": False}  # the application brings its own prompt: a picochat server must not ground it again
@@ -22,20 +22,6 @@ def add_arguments(p):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=None)
-
-
-def add_max_file_arg(p, what: str, default_bytes: int = MAX_FILE_BYTES):
-    """--max-file-mb N: the bound on what documents.py reads (a FIFO or /dev/zero, too, is refused)."""
-    p.add_argument(MAX_FILE_FLAG, type=float, default=default_bytes / 2**20, metavar="N",
-                   help=f"refuse a {what} over N MB (MiB; default {default_bytes / 2**20:g}): what is read is "
-                        f"held in memory")
-
-
-def max_file_bytes(args) -> int:
-    """--max-file-mb in bytes."""
-    if not args.max_file_mb > 0:
-        raise ValueError(f"{MAX_FILE_FLAG} must be a positive number of megabytes")
-    return int(args.max_file_mb * 2**20)
 
 
 def run(args) -> int:

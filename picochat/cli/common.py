@@ -6,10 +6,12 @@ Module-level imports here stay light (no torch): `picochat --help` imports every
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 from ..apps.assistant import MIN_SIMILARITY
+from ..apps.reading import MAX_FILE_BYTES, MAX_FILE_FLAG
 
 
 # ----------------------------------------------------------------------------- flags
@@ -189,3 +191,17 @@ def show_retrieval(grounding):
           f"{' -> declining' if grounding.declined else ''}]", file=sys.stderr)
     for s in grounding.sources:
         print(f"[  [{s.number}] {s.label}  similarity {s.similarity:.2f}]", file=sys.stderr)
+
+
+def add_max_file_arg(p, what: str, default_bytes: int = MAX_FILE_BYTES):
+    """--max-file-mb N: the bound on what documents.py reads (a FIFO or /dev/zero, too, is refused)."""
+    p.add_argument(MAX_FILE_FLAG, type=float, default=default_bytes / 2**20, metavar="N",
+                   help=f"refuse a {what} over N MB (MiB; default {default_bytes / 2**20:g}): what is read is "
+                        f"held in memory")
+
+
+def max_file_bytes(args) -> int:
+    """--max-file-mb in bytes."""
+    if not (math.isfinite(args.max_file_mb) and args.max_file_mb > 0):
+        raise ValueError(f"{MAX_FILE_FLAG} must be a positive number of megabytes")
+    return int(args.max_file_mb * 2**20)

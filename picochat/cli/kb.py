@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import open_kb, progress_bar
+from .common import add_max_file_arg, max_file_bytes, open_kb, progress_bar
 
 HELP = "knowledge bases: add documents, search, list, remove"
 DESCRIPTION = ("A knowledge base is an SQLite file (in ~/.cache/picochat/kb/NAME.sqlite, or a path ending in "
@@ -20,6 +20,7 @@ def add_arguments(kb):
     p.add_argument("--kb", required=True, metavar="NAME")
     p.add_argument("--persona", default=None, help="the assistant's system prompt for this knowledge base")
     p.add_argument("--handoff", default=None, help="what to say when the answer is not in it")
+    add_max_file_arg(p, "file")
     p = ks.add_parser("set", help="set the persona (system prompt) or the hand-off text")
     p.add_argument("--kb", required=True, metavar="NAME")
     p.add_argument("--persona", default=None)
@@ -52,7 +53,7 @@ def add(args) -> int:
             kb.set_setting(key, getattr(args, key))
     bar, progress = progress_bar(f"kb {args.kb}", " docs")
     with bar:
-        report = kb.add(args.paths, progress=progress)
+        report = kb.add(args.paths, progress=progress, max_bytes=max_file_bytes(args))
     print(f"{args.kb}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged "
           f"({report.passages} passages)")
     for path, reason in report.skipped:
@@ -115,10 +116,15 @@ def rm(args) -> int:
     if not args.paths:
         print(f"{args.kb}: {kb.remove_all()} document(s) removed")
         return 0
+    removed = []
     try:
-        missing = [p for p in args.paths if not kb.remove(p, everything=args.all)]
+        for p in args.paths:
+            removed.append(kb.remove(p, everything=args.all))
     except RemovesEverything as e:
-        raise ValueError(f"{e.what}; to remove them all, run `picochat kb rm --all --kb {args.kb}`") from None
+        before = f" ({sum(removed)} PATH(s) before it were removed)" if any(removed) else ""
+        raise ValueError(f"{e.what}; to remove them all, run `picochat kb rm --all --kb {args.kb}`"
+                         f"{before}") from None
+    missing = [p for p, gone in zip(args.paths, removed) if not gone]
     for p in missing:
         print(f"picochat: warning: {p} is not in {args.kb}", file=sys.stderr)
     print(f"{args.kb}: {len(args.paths) - len(missing)} document(s) removed")

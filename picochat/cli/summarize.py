@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 
 from ..apps.reading import MAX_FILE_BYTES
-from .ask import NO_GROUNDING, add_max_file_arg, max_file_bytes
-from .common import add_model_args, add_remote_args, backend, progress_bar
+from .ask import NO_GROUNDING
+from .common import add_max_file_arg, add_model_args, add_remote_args, backend, max_file_bytes, progress_bar
 
 HELP = "summarize a document of any length (map-reduce over its parts)"
 # a long book is ~1 MB; 4 MiB is about a million tokens, hours of reading on a laptop: more is likely a mistake

@@ -75,6 +75,7 @@ class Batcher:
         self.decode_steps = 0      # batched forward passes
         self.cached_tokens = 0     # prompt tokens reused from the prefix cache
         self._calls: collections.deque = collections.deque()  # (fn, future) to run on the loop's thread
+        self._calls_after = 0.0   # monotonic time before which calls wait while requests generate
         self._closed = False
         self._draining = False     # refuse new requests, finish those in flight
         self._running = threading.Event()   # set while run() is looping, on whichever thread
@@ -188,18 +189,21 @@ class Batcher:
                 self._fail_all(e)
 
     def _run_calls(self):
-        """Queued calls, but while requests are generating at most CALL_SECONDS of them before the next
-        step, so a stream's next chunk never waits behind a queue of model work (embeddings come in slices)."""
+        """Queued calls. While requests generate or wait, calls get at most half the time: at most
+        CALL_SECONDS of them in a row, and after calls that took t seconds, steps run for t seconds before
+        the next; so a stream never waits behind a queue of model work (embeddings come in slices)."""
+        generating = self.active or self.prefilling is not None or self.waiting
+        if not self._calls or (generating and time.monotonic() < self._calls_after):
+            return
         start = time.monotonic()
-        while self._calls:
-            if (self.active or self.prefilling is not None) and time.monotonic() - start > CALL_SECONDS:
-                return
+        while self._calls and not (generating and time.monotonic() - start > CALL_SECONDS):
             fn, future = self._calls.popleft()
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())
                 except Exception as e:
                     future.set_exception(e)
+        self._calls_after = 2 * time.monotonic() - start   # now + the time the calls took
 
     def _expire(self):
         """Requests past their deadline end with an error: waiting ones now, running ones at their next step."""

@@ -12,20 +12,23 @@ variables, no site-packages, no bytecode written) and hands it the code over a p
     never reach init (the kernel drops them), and nothing outside the namespace is visible, so the program
     cannot signal picochat or any other process;
   - init builds a fresh root file system: an empty tmpfs holding, read-only, the system's /usr, /lib*, /bin
-    and the interpreter's installation; /dev with null, zero, full, random and urandom; and /sandbox, a small
-    writable tmpfs that is the cwd, HOME and TMPDIR. /root, /home, /etc, /proc, /tmp and the user's files are
-    not there at all. The network namespace has only a loopback that is down;
-  - the program runs as a uid of its own (when started as root) with no capabilities, no new privileges,
-    and resource limits: address space, CPU seconds, processes (RLIMIT_NPROC, which binds a non-root uid),
-    file size, open files, no core dumps. Where a pids (and memory) cgroup can be made, the supervisor's
-    whole tree is put in it too.
+    and the interpreter's standard library (its installed packages hidden); /dev with null, zero, full,
+    random and urandom; and /sandbox, a small writable tmpfs that is the cwd, HOME and TMPDIR. /root, /home,
+    /etc, /proc, /tmp and the user's files are not there at all. The network namespace has only a loopback
+    that is down;
+  - the program runs as a uid of its own (when started as root; in the user namespace otherwise) with an
+    empty capability bounding set, no capabilities, no new privileges, a seccomp filter (x86-64) that
+    refuses the system calls that make namespaces, mount, trace or load into the kernel, and resource
+    limits: address space, CPU seconds, processes (RLIMIT_NPROC), file size, open files, no core dumps.
+    Where a pids (and memory) cgroup can be made, the supervisor's whole tree is put in it too.
   - at the deadline the caller kills the supervisor (and the cgroup's members): the namespace, and with it
     every process the code started, is gone; the tmpfs holding /sandbox vanishes with its mount namespace.
 
 A pass is reported over a pipe that is not the program's output: the harness writes a per-run nonce to it
 after the tests ran to their end, so exiting early with status 0 (by any means) does not count as passing.
-The tests run in the code's own process (as in HumanEval's harness), so code written to read the harness's
-memory could still find the nonce; it cannot reach anything outside the sandbox to do so.
+What this cannot stop: the tests run in the code's own process (as in HumanEval's harness), so code
+written against this harness can find the nonce in its memory and report a pass itself — a lie about its
+own result, never a way out of the sandbox.
 
 In-process guards (no fork/exec/kill, no sockets, no files outside the folder, no ctypes) stay as a second
 layer that stops accidents early with a clear error; nothing depends on them (`python_guards=False` runs
@@ -84,8 +87,9 @@ def run_python(code: str, tests: str = "", timeout: float = 10.0, memory_mb: int
     nonce = os.urandom(16).hex()
     job = Job(code, tests, nonce, memory_mb << 20, math.ceil(timeout) + 1, python_guards, allow_unconfined,
               tempfile.mkdtemp(prefix="picochat-sandbox-"))
-    cgroups = _make_cgroups(memory_mb)
+    cgroups = []
     try:
+        cgroups = _make_cgroups(memory_mb)
         with tempfile.TemporaryFile() as output:   # outside the sandbox: the code cannot read or rewrite it
             start = time.monotonic()
             returncode, report = _run_supervisor(job, cgroups, output, timeout)
@@ -102,13 +106,16 @@ def _run_supervisor(job: Job, cgroups: list[str], output, timeout: float) -> tup
     import json
     import subprocess   # here, not at the top: the sandboxed interpreter must not have it loaded unguarded
     report_read, report_write = os.pipe()
-    command = [sys.executable, "-I", "-S", "-B", "-u", "-X", "utf8", os.path.join(os.path.dirname(os.path.abspath(__file__)), "inside.py"),
-               str(report_write), *cgroups]
+    inside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inside.py")
+    command = [sys.executable, "-I", "-S", "-B", "-u", "-X", "utf8", inside, str(report_write), *cgroups]
     environment = {"HOME": FOLDER, "TMPDIR": FOLDER, "PATH": os.defpath, "LANG": "C.UTF-8"}
     try:
         # no preexec_fn (unsafe with threads): the supervisor fences itself in before the code runs
         child = subprocess.Popen(command, cwd="/", env=environment, stdin=subprocess.PIPE, stdout=output,
                                  stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(report_write,))
+    except BaseException:
+        os.close(report_read)
+        raise
     finally:
         os.close(report_write)
     try:
@@ -179,9 +186,9 @@ def _tail(output) -> str:
 def _result(returncode: int | None, report: str, nonce: str, output: str, seconds: float) -> SandboxResult:
     """Read the supervisor's exit code and the report: a pass needs the harness's nonce line."""
     lines = report.splitlines()
-    refusal = next((line for line in lines if line.startswith("unavailable:")), None)
-    if returncode == UNAVAILABLE and refusal:
-        raise SandboxUnavailable(f"{refusal}. The code was not run. Set {OPT_OUT}=1 to run untrusted code "
+    # only the supervisor's or init's first line can refuse: the program writes after init's "confined"
+    if returncode == UNAVAILABLE and lines and lines[0].startswith("unavailable:"):
+        raise SandboxUnavailable(f"{lines[0]}. The code was not run. Set {OPT_OUT}=1 to run untrusted code "
                                  f"with only resource limits and in-process guards (which code written to "
                                  f"escape can undo).")
     if lines and lines[0].startswith("unconfined:"):
@@ -208,28 +215,34 @@ def _result(returncode: int | None, report: str, nonce: str, output: str, second
 # cgroups: a pids (and memory) limit on the whole tree, where the machine lets picochat make one
 
 def _make_cgroups(memory_mb: int) -> list[str]:
-    """Fresh pids and memory cgroups below this process's own (v2, or v1's pids and memory hierarchies);
-    [] where they cannot be made (not root, read-only /sys/fs/cgroup): RLIMIT_NPROC then bounds processes."""
+    """A fresh cgroup below this process's own in each hierarchy that has the pids or memory controller (v2:
+    one, holding both limits; v1: one per controller), with the limits written; [] where none can be made
+    (not root, read-only /sys/fs/cgroup, the controller not enabled): RLIMIT_NPROC then bounds processes."""
     import uuid
     memory = ((memory_mb + 64) << 20) + MAX_FOLDER_BYTES   # the program, the two helpers, its tmpfs folder
-    limits = {"pids": {"pids.max": MAX_PROCESSES}, "memory": {"memory.max": memory, "memory.limit_in_bytes": memory}}
+    limits = {"pids.max": MAX_PROCESSES, "memory.max": memory, "memory.limit_in_bytes": memory}
     made = []
-    for controller, parent in _cgroup_parents():
+    for parent in _cgroup_parents():
         path = os.path.join(parent, f"picochat-sandbox-{uuid.uuid4().hex[:12]}")
         try:
             os.mkdir(path)
         except OSError:
             continue
-        made.append(path)
-        for name, value in limits[controller].items():
+        made.append(path)   # removed by the caller, limits or not
+        written = 0
+        for name, value in limits.items():
             if os.path.exists(os.path.join(path, name)):
                 with open(os.path.join(path, name), "w") as f:
                     f.write(str(value))
+                written += 1
+        if not written:   # a controller listed but not enabled below: no limit here, and no use
+            os.rmdir(path)
+            made.pop()
     return made
 
 
-def _cgroup_parents() -> list[tuple[str, str]]:
-    """(controller, folder of this process's cgroup) for pids and memory, v1 or v2."""
+def _cgroup_parents() -> list[str]:
+    """The folders of this process's cgroups that have the pids or memory controller, v1 or v2."""
     root = "/sys/fs/cgroup"
     try:
         with open("/proc/self/cgroup") as f:
@@ -238,18 +251,12 @@ def _cgroup_parents() -> list[tuple[str, str]]:
         return []
     found = []
     for hierarchy, controllers, path in entries:
-        for controller in ("pids", "memory"):
-            if hierarchy == "0":   # v2: one tree; a controller is usable if enabled there
-                folder = os.path.join(root, path.lstrip("/"))
-                try:
-                    with open(os.path.join(folder, "cgroup.controllers")) as f:
-                        if controller in f.read().split():
-                            found.append((controller, folder))
-                except OSError:
-                    pass
-            elif controller in controllers.split(","):
-                found.append((controller, os.path.join(root, controller, path.lstrip("/"))))
-    return found
+        if hierarchy == "0":   # v2: one tree; the limit files show whether the controllers are enabled
+            found.append(os.path.join(root, path.lstrip("/")))
+        else:
+            found += [os.path.join(root, c, path.lstrip("/")) for c in ("pids", "memory")
+                      if c in controllers.split(",")]
+    return [folder for folder in found if os.path.isdir(folder)]
 
 
 def _kill_cgroups(cgroups: list[str]) -> None:

@@ -25,7 +25,21 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 0x20, 0x1000, 0x4000, 0x40000, 0x2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
+SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 442, -100, 0x8000, 0x1, 0x2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 24, 38
+SECCOMP_MODE_FILTER, AUDIT_ARCH_X86_64, X32_SYSCALL_BIT = 2, 0xC000003E, 0x40000000
+SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+CLONE_NAMESPACES = 0x7E020000   # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+SYS_CLONE, SYS_CLONE3 = 56, 435
+DENIED_SYSCALLS = {  # x86-64 numbers: namespaces, mounts, tracing other processes, kernel subsystems
+    272: "unshare", 308: "setns", 165: "mount", 166: "umount2", 155: "pivot_root", 161: "chroot",
+    428: "open_tree", 429: "move_mount", 430: "fsopen", 431: "fsconfig", 432: "fsmount", 433: "fspick",
+    442: "mount_setattr", 101: "ptrace", 310: "process_vm_readv", 311: "process_vm_writev", 321: "bpf",
+    298: "perf_event_open", 323: "userfaultfd", 248: "add_key", 249: "request_key", 250: "keyctl",
+    246: "kexec_load", 320: "kexec_file_load", 175: "init_module", 313: "finit_module",
+    176: "delete_module", 167: "swapon", 168: "swapoff", 169: "reboot", 163: "acct", 172: "iopl",
+    173: "ioperm",
+}
 CAPABILITY_VERSION_3 = 0x20080522
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}
 SYSTEM_FOLDERS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
@@ -126,6 +140,9 @@ def _init_main(job: Job, report: int, libc, lifeline: int, user_namespace: bool)
     """PID 1 of the new namespace: die with the supervisor, build the root, fork the program, pass on how
     it ended. Never returns."""
     try:
+        # the kernel drops signals sent to a namespace's init from inside it, unless init handles them:
+        # Python handles SIGINT, which a program of the same uid (user namespace) could otherwise send
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         os.set_blocking(lifeline, False)
         try:
@@ -144,7 +161,10 @@ def _init_main(job: Job, report: int, libc, lifeline: int, user_namespace: bool)
         status = _wait_for(pid)
         os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
     except BaseException as error:   # a failed fence: refuse rather than run the code half-fenced
-        os.write(report, f"unavailable: could not build the sandbox's file system ({error})\n".encode())
+        try:
+            os.write(report, f"unavailable: could not build the sandbox's file system ({error})\n".encode())
+        except OSError:
+            pass
         os._exit(UNAVAILABLE)
 
 
@@ -163,6 +183,7 @@ def _build_root(libc, uid: int | None) -> None:
     _mount(libc, b"tmpfs", new_root, b"tmpfs", 0, b"size=1m,mode=0755")
     for folder in SYSTEM_FOLDERS + _interpreter_folders():
         _bind_read_only(libc, folder, new_root)
+    _hide_site_packages(libc, new_root)
     os.makedirs(new_root + "/dev")
     for device in DEVICES:
         if os.path.exists(f"/dev/{device}"):
@@ -183,11 +204,22 @@ def _build_root(libc, uid: int | None) -> None:
 
 
 def _interpreter_folders() -> tuple[str, ...]:
-    """The interpreter's installation (and a virtual environment's), wherever it lives (say under /root)."""
-    folders = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(sys.executable),
-                                             os.path.dirname(os.path.realpath(sys.executable)))}
+    """The standard library's folders, wherever the interpreter lives (say under /root/.pyenv): nothing is
+    executed inside, so the interpreter's binary and libpython (already loaded) need not be there."""
+    import sysconfig
+    paths = sysconfig.get_paths()
+    folders = {os.path.realpath(paths[name]) for name in ("stdlib", "platstdlib")}
     outermost = [f for f in folders if not any(f.startswith(other + "/") for other in folders)]
     return tuple(sorted(f for f in outermost if not any(f == s or f.startswith(s + "/") for s in SYSTEM_FOLDERS)))
+
+
+def _hide_site_packages(libc, new_root: str) -> None:
+    """An empty read-only tmpfs over the installed packages (-S does not import them; -I no user's)."""
+    import sysconfig
+    for name in ("purelib", "platlib"):
+        folder = new_root + os.path.realpath(sysconfig.get_paths()[name])
+        if os.path.isdir(folder):
+            _mount(libc, b"tmpfs", folder, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, b"size=4k")
 
 
 def _bind_read_only(libc, folder: str, new_root: str) -> None:
@@ -200,9 +232,23 @@ def _bind_read_only(libc, folder: str, new_root: str) -> None:
     target = new_root + folder
     os.makedirs(target)
     _mount(libc, folder.encode(), target, None, MS_BIND | MS_REC, None)
-    # a remount keeps the flags the kernel locked on the original (nosuid, nodev, noexec) and adds read-only
+    if _read_only_tree(libc, target):   # the mounts below it too (mount_setattr, Linux 5.12+)
+        return
+    # an older kernel: the top mount only; a remount keeps the flags the kernel locked on the original
     kept = os.statvfs(folder).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mount(libc, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | kept, None)
+
+
+def _read_only_tree(libc, target: str) -> bool:
+    import ctypes
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    attr = MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
+    return libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, target.encode(), AT_RECURSIVE, ctypes.byref(attr),
+                        ctypes.c_size_t(ctypes.sizeof(attr))) == 0
 
 
 def _mount(libc, source, target: str, kind, flags: int, data) -> None:
@@ -211,19 +257,25 @@ def _mount(libc, source, target: str, kind, flags: int, data) -> None:
 
 
 def _run_program(job: Job, report: int, folder: str, uid: int | None, libc=None) -> None:
-    """The program process: its own uid, limits, no privileges; then the code and the tests. Never returns."""
+    """The program process: its own uid, limits, no privileges, no namespace-making system calls; then the
+    code and the tests. Confined (libc given) or not, never returns."""
+    confined = libc is not None
     try:
         os.chdir(folder)
         os.environ.update(HOME=folder, TMPDIR=folder)
+        if confined:
+            _drop_bounding_set(libc)       # needs CAP_SETPCAP: before root is given up
         if uid is not None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)   # from root to a uid of its own: every capability goes too
-        _set_limits(job.memory_bytes, job.cpu_seconds, processes=uid is not None)
-        if libc is not None:
-            _drop_privileges(libc)
-    except BaseException as error:
-        os.write(report, f"unavailable: could not drop privileges ({error})\n".encode())
+        _set_limits(job.memory_bytes, job.cpu_seconds, processes=confined)
+        if confined:
+            _drop_capabilities(libc)
+            _deny_system_calls(libc)
+    except BaseException as error:   # never run the code less fenced than promised
+        print(f"sandbox: could not drop the program's privileges ({error}); the code was not run",
+              file=sys.stderr)
         os._exit(UNAVAILABLE)
     exit_now, write = os._exit, os.write    # kept before the guards disable them for the program
     if job.python_guards:
@@ -271,19 +323,69 @@ def _set_limits(memory_bytes: int, cpu_seconds: int, processes: bool = True) -> 
         resource.setrlimit(name, (value, value + 1 if name == resource.RLIMIT_CPU else value))
 
 
-def _drop_privileges(libc) -> bool:
-    """No new privileges (no setuid programs), an empty capability bounding set and no capabilities, so
-    the limits cannot be raised nor the namespaces left. True if the capabilities went."""
+def _drop_bounding_set(libc) -> None:
+    """An empty capability bounding set: no capability can come back, even through a setuid program."""
+    import errno
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and _errno() != errno.EINVAL:   # EINVAL: past the last
+            raise OSError(_errno(), f"dropping capability {cap}: {os.strerror(_errno())}")
+
+
+def _drop_capabilities(libc) -> None:
+    """No new privileges (no setuid programs) and no capabilities, so that the limits cannot be raised nor
+    the namespaces left."""
     import ctypes
 
     class CapHeader(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
-    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    for cap in range(64):   # beyond the kernel's last capability prctl just fails
-        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(_errno(), "no_new_privs: " + os.strerror(_errno()))
     no_capabilities = (ctypes.c_uint32 * 6)()   # effective, permitted, inheritable, twice (64 bits)
-    return libc.capset(ctypes.byref(CapHeader(CAPABILITY_VERSION_3, 0)), no_capabilities) == 0
+    if libc.capset(ctypes.byref(CapHeader(CAPABILITY_VERSION_3, 0)), no_capabilities) != 0:
+        raise OSError(_errno(), "capset: " + os.strerror(_errno()))
+
+
+def _deny_system_calls(libc) -> None:
+    """A seccomp filter (x86-64; elsewhere none): the system calls that make namespaces, mount, trace
+    processes or reach kernel subsystems fail with EPERM, and clone() with a namespace flag too — the
+    kernel's attack surface a nested user namespace would open. Everything else is allowed."""
+    import ctypes
+    import platform
+    if platform.machine() != "x86_64":
+        return
+
+    class Instruction(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Instruction))]
+
+    code = _seccomp_program()
+    instructions = (Instruction * len(code))(*[Instruction(*i) for i in code])
+    program = Program(len(code), instructions)
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(program), 0, 0) != 0:
+        raise OSError(_errno(), "seccomp: " + os.strerror(_errno()))
+
+
+def _seccomp_program() -> list[tuple[int, int, int, int]]:
+    """The BPF program of _deny_system_calls, as (code, jump if true, jump if false, k) instructions:
+
+        arch ≠ x86-64 → kill;  number ≥ 2^30 (the x32 entry points) or in DENIED_SYSCALLS → EPERM;
+        clone3 → ENOSYS (C libraries fall back to clone);  clone with a namespace flag → EPERM;  else allow
+    """
+    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06   # BPF_LD|W|ABS, BPF_JMP|JEQ|JGE|JSET|K, BPF_RET|K
+    code = [(load, 0, 0, 4), (jeq, 1, 0, AUDIT_ARCH_X86_64), (ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
+            (load, 0, 0, 0), (jge, "deny", 0, X32_SYSCALL_BIT)]
+    code += [(jeq, "deny", 0, number) for number in sorted(DENIED_SYSCALLS)]
+    code += [(jeq, "nosys", 0, SYS_CLONE3), (jeq, 0, "allow", SYS_CLONE),
+             (load, 0, 0, 16), (jset, "deny", "allow", CLONE_NAMESPACES)]   # 16: clone's flags (low half)
+    labels = {"allow": len(code), "deny": len(code) + 1, "nosys": len(code) + 2}
+    code += [(ret, 0, 0, SECCOMP_RET_ALLOW), (ret, 0, 0, SECCOMP_RET_ERRNO | 1),     # 1: EPERM
+             (ret, 0, 0, SECCOMP_RET_ERRNO | 38)]                                    # 38: ENOSYS
+    offset = lambda i, to: labels[to] - i - 1 if isinstance(to, str) else to        # noqa: E731 (jumps are relative)
+    return [(op, offset(i, jt), offset(i, jf), k) for i, (op, jt, jf, k) in enumerate(code)]
 
 
 def _install_guards(folder: str) -> None:

@@ -100,7 +100,8 @@ def lone_surrogate(value, path: str = "") -> str | None:
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        here = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        name = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key   # printable
+        here = f"{path}[{name}]" if isinstance(key, int) else f"{path}.{name}" if path else str(name)
         found = lone_surrogate(key, here) if isinstance(key, str) else None
         found = found or lone_surrogate(item, here)
         if found is not None:
