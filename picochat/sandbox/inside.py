@@ -194,8 +194,7 @@ def _build_root(libc, uid: int | None) -> None:
     _mount(libc, b"tmpfs", new_root + FOLDER, b"tmpfs", MS_NOSUID | MS_NODEV,
            f"size={MAX_FOLDER_BYTES},mode=0700{owner}".encode())
     os.chdir(new_root)
-    import platform
-    if libc.syscall(SYS_PIVOT_ROOT[platform.machine()], b".", b".") != 0:   # the old root now lies under "."
+    if libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], b".", b".") != 0:   # the old root now lies under "."
         raise OSError(_errno(), "pivot_root: " + os.strerror(_errno()))
     if libc.umount2(b".", MNT_DETACH) != 0:
         raise OSError(_errno(), "detaching the old root: " + os.strerror(_errno()))
@@ -351,8 +350,7 @@ def _deny_system_calls(libc) -> None:
     processes or reach kernel subsystems fail with EPERM, and clone() with a namespace flag too — the
     kernel's attack surface a nested user namespace would open. Everything else is allowed."""
     import ctypes
-    import platform
-    if platform.machine() != "x86_64":
+    if os.uname().machine != "x86_64":
         return
 
     class Instruction(ctypes.Structure):
