@@ -42,24 +42,24 @@ and every SQLite error comes out as a KnowledgeBaseError naming the file, the pr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..paths import cache_dir
-from .documents import Passage, iter_files, mostly_chinese, read_document, sentences, split_passages
+from .documents import mostly_chinese, sentences
 from .kb_file import (APPLICATION_ID, SCHEMA, EncoderMismatch, KnowledgeBaseError,  # noqa: F401 (kb's API)
                       KnowledgeBaseLocked, ReadOnlyKnowledgeBase, RemovesEverything, refuse_foreign,
                       sqlite_problem, statements)
-from .reading import MAX_FILE_BYTES, DocumentError, read_bounded
+from .kb_ingest import AddReport, Prepared, cut_into_passages, files_under, read_file
+from .reading import MAX_FILE_BYTES
 from .terms import index_grams, match_terms, query_terms, quoted
 
 SCHEMA_VERSION = 2          # 2: the `grams` column (Chinese words); a version-1 file is upgraded on opening
@@ -71,15 +71,6 @@ SENTENCE_CACHE = 4096       # passages whose sentence vectors are kept between s
 ENCODE_BATCH = 256          # passages (of one or many files) embedded per encoder call by `add`
 BUSY_TIMEOUT = 30.0         # seconds to wait for another writer before giving up (KnowledgeBase(timeout=))
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-@dataclass
-class AddReport:
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    passages: int = 0                                          # passages written
-    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
-
 
 @dataclass
 class DocumentInfo:
@@ -105,15 +96,6 @@ class Hit:
     overlap: float = 0.0        # the share of the query's words in the passage, weighted by rarity, in [0, 1]
     sentence_similarity: float | None = None   # cosine of the query and the passage's closest sentence
                                                # (None where not reranked: a Chinese query)
-
-
-@dataclass
-class _Prepared:
-    """A file read and cut into passages, waiting for its passages' vectors (KnowledgeBase.add)."""
-    source: str                 # its absolute path
-    sha: str
-    title: str
-    passages: list[Passage]
 
 
 def kb_path(name: str) -> Path:
@@ -367,7 +349,7 @@ class KnowledgeBase:
         with self._read():
             self._check_encoder(encoder)
         report = AddReport()
-        files = self._files(paths, report)
+        files = files_under(paths, report)
         done, pending, waiting = 0, [], 0      # files finished; files read and their passages, not yet embedded
 
         def finished(n: int):
@@ -393,57 +375,21 @@ class KnowledgeBase:
             finished(len(pending))
         return report
 
-    def _files(self, paths, report: AddReport) -> list[Path]:
-        """The files to index under `paths`, each once (a file given twice, or also through its folder,
-        would otherwise be written twice in one batch); paths that do not exist go to report.skipped."""
-        files, seen = [], set()
-        for p in paths:
-            if not Path(p).expanduser().exists():
-                broken_link = os.path.islink(Path(p).expanduser())   # a loop, or a link to nothing
-                report.skipped.append((str(p), "a symbolic link that leads nowhere (a loop, or its target is "
-                                               "gone)" if broken_link else "no such file or folder"))
-                continue
-            for path in iter_files(p):
-                real = os.path.realpath(path)   # Path.resolve() raises on a link loop inside the folder
-                if real not in seen:
-                    seen.add(real)
-                    files.append(path)
-        return files
-
-    def _prepare(self, path: Path, report: AddReport, max_bytes: int) -> _Prepared | None:
+    def _prepare(self, path: Path, report: AddReport, max_bytes: int) -> Prepared | None:
         """A file read and cut into passages, ready to embed; None (counted in the report) when its bytes are
         unchanged since it was indexed, or it cannot be read, or it holds no text."""
-        source = os.path.realpath(path)
-        try:
-            data = read_bounded(path, max_bytes)
-        except DocumentError as e:      # a FIFO, a device, a file over the size limit, a symlink loop
-            report.skipped.append((os.path.abspath(path), str(e)))   # the link's name, not /dev/zero
+        read = read_file(path, report, max_bytes)
+        if read is None:
             return None
-        except OSError as e:
-            report.skipped.append((os.path.abspath(path), f"unreadable: {e.strerror or e}"))
-            return None
-        sha = hashlib.sha256(data).hexdigest()
+        source, data, sha = read
         with self._read() as db:
             row = db.execute("SELECT sha256 FROM documents WHERE source = ?", (source,)).fetchone()
         if row is not None and row[0] == sha:
             report.unchanged += 1
             return None
-        try:
-            doc = read_document(path, data)
-        except DocumentError as e:
-            report.skipped.append((source, str(e)))
-            return None
-        except Exception as e:   # a reader's bug met by one odd file must not stop the other files
-            report.skipped.append((source, f"could not be read ({type(e).__name__}: {e})"))
-            return None
-        passages = split_passages(doc)
-        if not passages:
-            report.skipped.append((source, "no text found" + (" (a scanned PDF?)" if path.suffix.lower() == ".pdf"
-                                                              else "")))
-            return None
-        return _Prepared(source, sha, doc.title, passages)
+        return cut_into_passages(path, source, data, sha, report)
 
-    def _store(self, prepared: list[_Prepared], encoder, report: AddReport):
+    def _store(self, prepared: list[Prepared], encoder, report: AddReport):
         """Embed the passages of several files in one encoder call, then write them all in one transaction."""
         texts = [_embedding_text(p.section, p.text) for doc in prepared for p in doc.passages]
         # the slow part, outside any transaction: readers and other writers are not held up by it
@@ -461,7 +407,7 @@ class KnowledgeBase:
         report.added += len(replaced) - sum(replaced)
         report.passages += len(texts)
 
-    def _write_document(self, db, doc: _Prepared, vectors: np.ndarray) -> bool:
+    def _write_document(self, db, doc: Prepared, vectors: np.ndarray) -> bool:
         """Insert a document and its passages, or replace those of the same source; whether it replaced."""
         old = db.execute("SELECT id FROM documents WHERE source = ?", (doc.source,)).fetchone()
         if old is not None:
