@@ -180,3 +180,15 @@ class FakeEncoder:
 
     def count_tokens(self, texts):
         return [len(t.split()) for t in texts]
+
+
+def run_cli(argv, capsys, stdin=None, monkeypatch=None):
+    """`picochat ARGV...` in this process: (exit status, stdout, stderr); stdin (a str) needs monkeypatch."""
+    import io
+    import sys
+    from picochat import cli
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

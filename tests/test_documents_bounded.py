@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from picochat import cli
+from helpers import run_cli
 from picochat.apps import pdf_text
 from picochat.apps.documents import (HEADING_MAX, MAX_FILE_BYTES, Document, DocumentError, Section, decode_text,
                                      iter_files, read_bounded, read_document, read_stream_bounded, split_passages)
@@ -37,12 +37,6 @@ def within(seconds: float, fn, *args, **kwargs):
     thread.start()
     thread.join(seconds)
     return not thread.is_alive(), box.get("result")
-
-
-def run_cli(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_traceable(document: Document, max_chars: int = 800, overlap_chars: int = 150):

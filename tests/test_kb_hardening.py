@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FakeEncoder, LiveServer, tiny_engine
-from picochat import cli
+from helpers import FakeEncoder, LiveServer, run_cli, tiny_engine
 from picochat.apps import assistant
 from picochat.apps import kb as kb_module
 from picochat.apps.kb import (APPLICATION_ID, KnowledgeBase, KnowledgeBaseError, KnowledgeBaseLocked,
@@ -29,12 +28,6 @@ def no_model(monkeypatch):
     """`kb add` with the stand-in encoder: no embedding model is looked for or loaded."""
     monkeypatch.setattr("picochat.hub.find_embedding", lambda *a, **k: Path("unused"))
     monkeypatch.setattr("picochat.load.load_encoder", lambda *a, **k: FakeEncoder())
-
-
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(err: str) -> str:
@@ -63,18 +56,18 @@ def test_kb_rm_of_an_empty_path_or_a_folder_of_everything_removes_nothing(tmp_pa
     path = build_kb(tmp_path / "shop.sqlite", docs)
     monkeypatch.chdir(docs)
     for argv in ([""], ["  "], ["returns.md", ""], ["."], [str(docs)], ["/"], [str(tmp_path)], []):
-        code, _, err = run(["kb", "rm", *argv, "--kb", path], capsys)
+        code, _, err = run_cli(["kb", "rm", *argv, "--kb", path], capsys)
         line = one_error_line(err)
         assert code == 1 and "--all" in line, (argv, line)
         assert len(KnowledgeBase(path).documents()) == 3, argv          # all three are still there
-    assert "an empty PATH" in one_error_line(run(["kb", "rm", "", "--kb", path], capsys)[2])
-    assert one_error_line(run(["kb", "rm", ".", "--kb", path], capsys)[2]) == (
+    assert "an empty PATH" in one_error_line(run_cli(["kb", "rm", "", "--kb", path], capsys)[2])
+    assert one_error_line(run_cli(["kb", "rm", ".", "--kb", path], capsys)[2]) == (
         f"picochat: error: '.' is the folder {docs}/, which holds all 3 documents of {path}; "
         f"to remove them all, run `picochat kb rm --all --kb {path}`")
 
-    assert run(["kb", "rm", "returns.md", "--kb", path], capsys)[0] == 0    # one file: no --all needed
+    assert run_cli(["kb", "rm", "returns.md", "--kb", path], capsys)[0] == 0    # one file: no --all needed
     assert len(KnowledgeBase(path).documents()) == 2
-    code, out, _ = run(["kb", "rm", "--all", "--kb", path], capsys)
+    code, out, _ = run_cli(["kb", "rm", "--all", "--kb", path], capsys)
     assert code == 0 and "2 document(s) removed" in out and KnowledgeBase(path).documents() == []
 
 
@@ -113,7 +106,7 @@ def test_another_programs_sqlite_file_is_refused_and_left_as_it_was(tmp_path, ca
     before = path.read_bytes()
     doc = write_pages(tmp_path / "docs") / "returns.md"
     for argv in (["ls"], ["add", doc], ["rm", doc], ["search", "returns"], ["set", "--persona", "x"]):
-        code, _, err = run(["kb", argv[0], *argv[1:], "--kb", path], capsys)
+        code, _, err = run_cli(["kb", argv[0], *argv[1:], "--kb", path], capsys)
         line = one_error_line(err)
         assert code == 1 and str(path) in line and "another program's SQLite database" in line, (argv, line)
     with pytest.raises(KnowledgeBaseError, match="other.db"):
@@ -129,7 +122,7 @@ def test_another_programs_sqlite_file_is_refused_and_left_as_it_was(tmp_path, ca
 def test_a_file_that_is_not_sqlite_is_refused_unchanged(tmp_path, capsys):
     path = tmp_path / "notes.sqlite"
     path.write_bytes(b"my notes, not a database\n" * 10)
-    code, _, err = run(["kb", "ls", "--kb", path], capsys)
+    code, _, err = run_cli(["kb", "ls", "--kb", path], capsys)
     assert code == 1 and "is not an SQLite file" in one_error_line(err) and str(path) in err
     assert path.read_bytes() == b"my notes, not a database\n" * 10
 
@@ -156,7 +149,7 @@ def test_a_folder_as_knowledge_base_is_one_line(tmp_path, capsys, no_model):
     folder = tmp_path / "kb.sqlite"
     folder.mkdir()
     for argv in (["ls"], ["add", tmp_path]):
-        code, _, err = run(["kb", *argv, "--kb", folder], capsys)
+        code, _, err = run_cli(["kb", *argv, "--kb", folder], capsys)
         assert code == 1 and f"{folder} is a folder" in one_error_line(err)
 
 
@@ -169,7 +162,7 @@ def test_a_locked_knowledge_base_is_one_line_after_the_timeout(tmp_path, capsys,
         monkeypatch.setattr(kb_module, "BUSY_TIMEOUT", 0.2)
         for argv in (["rm", docs / "hours.md"], ["add", write_pages(tmp_path / "new", {"new.md": "# New\n\nNew.\n"})]):
             started = time.monotonic()
-            code, _, err = run(["kb", *argv, "--kb", path], capsys)
+            code, _, err = run_cli(["kb", *argv, "--kb", path], capsys)
             line = one_error_line(err)
             assert code == 1 and f"{path} is locked by another program (waited 0.2 s)" in line, line
             assert time.monotonic() - started < 10
@@ -198,9 +191,9 @@ def test_a_read_only_knowledge_base_is_readable_and_one_line_to_write(tmp_path, 
     if not make_unwritable(path):
         pytest.skip("running as root on a file system without chattr +i: no file here is read-only to root")
     try:
-        code, out, _ = run(["kb", "ls", "--kb", path], capsys)
+        code, out, _ = run_cli(["kb", "ls", "--kb", path], capsys)
         assert code == 0 and "3 document(s)" in out
-        code, _, err = run(["kb", "rm", docs / "hours.md", "--kb", path], capsys)
+        code, _, err = run_cli(["kb", "rm", docs / "hours.md", "--kb", path], capsys)
         assert code == 1 and f"{path} cannot be written" in one_error_line(err)
         with KnowledgeBase(path) as kb, pytest.raises(ReadOnlyKnowledgeBase):
             kb.set_setting("persona", "x")
@@ -215,7 +208,7 @@ def test_a_damaged_knowledge_base_is_one_line(tmp_path, capsys):
     page = int.from_bytes(data[16:18], "big")
     data[page:] = b"\xa5" * (len(data) - page)        # every page but the first (the schema) overwritten
     path.write_bytes(bytes(data))
-    code, _, err = run(["kb", "ls", "--kb", path], capsys)
+    code, _, err = run_cli(["kb", "ls", "--kb", path], capsys)
     assert code == 1 and f"{path} is damaged" in one_error_line(err)
 
 
@@ -224,14 +217,14 @@ def test_kb_add_fails_when_nothing_was_added(tmp_path, capsys, no_model):
     path = tmp_path / "kb.sqlite"
     empty = tmp_path / "empty.md"
     empty.write_text("\n\n")
-    code, out, err = run(["kb", "add", empty, tmp_path / "missing.md", "--kb", path], capsys)
+    code, out, err = run_cli(["kb", "add", empty, tmp_path / "missing.md", "--kb", path], capsys)
     assert code == 1 and "0 added" in out and "nothing was added" in err and "every file was skipped (2)" in err
     (tmp_path / "nothing").mkdir()
-    code, _, err = run(["kb", "add", tmp_path / "nothing", "--kb", path], capsys)
+    code, _, err = run_cli(["kb", "add", tmp_path / "nothing", "--kb", path], capsys)
     assert code == 1 and "no .txt .md .markdown .html .htm .pdf files found" in err
     docs = write_pages(tmp_path / "docs")
-    assert run(["kb", "add", docs, empty, "--kb", path], capsys)[0] == 0     # some added, one skipped
-    code, out, _ = run(["kb", "add", docs, "--kb", path], capsys)
+    assert run_cli(["kb", "add", docs, empty, "--kb", path], capsys)[0] == 0     # some added, one skipped
+    code, out, _ = run_cli(["kb", "add", docs, "--kb", path], capsys)
     assert code == 0 and "3 unchanged" in out                             # nothing to do is not an error
 
 
@@ -262,11 +255,11 @@ def test_one_odd_file_does_not_stop_the_others_and_the_size_flag_reaches_kb_add(
     (docs / "refs.html").write_text("<p>&#" + "0" * 5000 + "65; is A</p>")   # more digits than int() takes
     (docs / "big.md").write_text("# Big\n\n" + "A sentence of the big page. " * 60_000)   # ~1.7 MB
     kb = tmp_path / "kb.sqlite"
-    code, out, err = run(["kb", "add", docs, "--kb", kb, "--max-file-mb", "1"], capsys)
+    code, out, err = run_cli(["kb", "add", docs, "--kb", kb, "--max-file-mb", "1"], capsys)
     assert code == 0 and "4 added" in out and "big.md" in err and "over the 1 MB limit" in err
-    code, out, _ = run(["kb", "add", docs, "--kb", kb, "--max-file-mb", "2"], capsys)
+    code, out, _ = run_cli(["kb", "add", docs, "--kb", kb, "--max-file-mb", "2"], capsys)
     assert code == 0 and "1 added" in out
-    code, _, err = run(["kb", "add", docs, "--kb", kb, "--max-file-mb", "inf"], capsys)
+    code, _, err = run_cli(["kb", "add", docs, "--kb", kb, "--max-file-mb", "inf"], capsys)
     assert code == 1 and "--max-file-mb must be a positive number" in err
 
 

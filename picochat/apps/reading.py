@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import functools
 import os
 import re
 import stat
@@ -57,7 +58,7 @@ def read_bounded(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         info = os.fstat(fd)   # the descriptor opened, not the name: the file cannot be swapped in between
         _check_regular(path, info.st_mode)
         _check_size(path, info.st_size, max_bytes)
-        data = _read_at_most(fd, max_bytes + 1)
+        data = _read_at_most(functools.partial(os.read, fd), max_bytes + 1)
     except OSError as e:
         raise DocumentError(f"{path}: cannot read it ({e.strerror or e})") from None
     finally:
@@ -70,16 +71,9 @@ def read_stream_bounded(stream, max_bytes: int = MAX_FILE_BYTES, name: str = "st
     """At most max_bytes bytes from a stream (sys.stdin: its binary buffer), or DocumentError naming
     `--max-file-mb` when it holds more; text streams are encoded as UTF-8."""
     stream = getattr(stream, "buffer", stream)
-    pieces, size = [], 0
-    while size <= max_bytes:
-        piece = stream.read(min(_READ_CHUNK, max_bytes + 1 - size))
-        if not piece:
-            break
-        piece = piece.encode("utf-8", errors="surrogateescape") if isinstance(piece, str) else piece
-        pieces.append(piece)
-        size += len(piece)
-    _check_size(name, size, max_bytes, read_stopped=True)
-    return b"".join(pieces)
+    data = _read_at_most(stream.read, max_bytes + 1)
+    _check_size(name, len(data), max_bytes, read_stopped=True)
+    return data
 
 
 def _real_path(path: Path) -> str:
@@ -122,12 +116,16 @@ def megabytes(n: int) -> str:
     return f"{n} bytes" if n < 1024 else f"{mb:.0f} MB" if mb >= 10 else f"{mb:.2g} MB"
 
 
-def _read_at_most(fd: int, limit: int) -> bytes:
+def _read_at_most(read, limit: int) -> bytes:
+    """At most `limit` bytes from read(n) (os.read of a descriptor, a stream's read), in chunks; a text
+    stream's str is encoded as UTF-8."""
     pieces, size = [], 0
     while size < limit:
-        piece = os.read(fd, min(_READ_CHUNK, limit - size))
+        piece = read(min(_READ_CHUNK, limit - size))
         if not piece:
             break
+        if isinstance(piece, str):
+            piece = piece.encode("utf-8", errors="surrogateescape")
         pieces.append(piece)
         size += len(piece)
     return b"".join(pieces)
