@@ -7,6 +7,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -30,17 +31,34 @@ def tiny_engine(text: str, vocab_size: int = 320, max_seq_len: int = 256) -> Eng
     return Engine(GPT(config), tok)
 
 
+# Qwen2.5's chat template (its tool section, <tool_call> and <tool_response>), for tiny tool-calling models
+QWEN_TEMPLATE = (Path(__file__).parent / "data" / "qwen2.5_chat_template.jinja")
+TOOL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>")
+
+
+def tiny_tool_engine(text: str, vocab_size: int = 400, max_seq_len: int = 2048) -> Engine:
+    """A 2-layer random GPT with a tokenizer that has Qwen2.5's chat template and tool-call tokens: a
+    model whose template renders `tools` (what it writes is random; a grammar gives it the shape)."""
+    tok = Tokenizer.train([text], vocab_size=vocab_size, special_tokens=TOOL_TOKENS)
+    tok.chat_template = QWEN_TEMPLATE.read_text()
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                         intermediate_size=128, max_seq_len=max_seq_len, initializer_range=0.3,
+                         eos_token_id=tok.token_to_id("<|im_end|>"))
+    return Engine(GPT(config), tok)
+
+
 def sampler_failing_on_seed(sample_rows, seed: int = 666, after: int = 0):
     """engine.sampling.sample_rows, except that it raises for any batch holding a request with this seed, once
     `after` such batches have been sampled (0: at its first token, in the prefill; 1: at its next, decoding)."""
     calls = [0]
 
-    def faulty(logits, params, generators, seen=None):
+    def faulty(logits, params, generators, seen=None, allowed=None):
         if any(p.seed == seed for p in params):
             calls[0] += 1
             if calls[0] > after:
                 raise FloatingPointError("injected sampler fault")
-        return sample_rows(logits, params, generators, seen)
+        return sample_rows(logits, params, generators, seen, allowed)
     return faulty
 
 

@@ -118,7 +118,7 @@ def test_accept_reject_keeps_the_models_distribution(draft_is_model):
     p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
     q = torch.tensor([0.1, 0.6, 0.1, 0.1, 0.1])
     gen = SimpleNamespace(params=SamplingParams(temperature=1.0), generator=torch.Generator().manual_seed(0),
-                          penalty_mask=lambda vocab: None)
+                          penalty_mask=lambda vocab: None, grammar_mask=lambda vocab: None)
     counts = torch.zeros(5)
     n = 20000
     draws = torch.multinomial(q, n, replacement=True, generator=torch.Generator().manual_seed(1))

@@ -1,13 +1,15 @@
-"""`picochat chat`: a streaming multi-turn chat in the terminal (with --kb, answered from a knowledge base)."""
+"""`picochat chat`: a streaming multi-turn chat in the terminal (with --kb, answered from a knowledge base;
+with --tools, the model may call a calculator and sandboxed Python, which picochat runs for it)."""
 from __future__ import annotations
 
 import sys
 
 from ..apps.assistant import DEFAULT_PERSONA
-from .common import (add_kb_args, add_model_args, add_sampling_args, open_engine, open_kb, sampling_from_args,
-                     show_retrieval, stream)
+from .common import (add_kb_args, add_model_args, add_sampling_args, open_engine, open_kb, print_stats,
+                     sampling_from_args, show_retrieval, stream)
 
 HELP = "chat in the terminal (streaming, multi-turn)"
+MAX_TOOL_ROUNDS = 5   # replies with tool calls in one turn: a model that keeps calling is stopped here
 
 SAMPLING_KNOBS = {  # /set name -> (SamplingParams field, type)
     "temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
@@ -29,6 +31,12 @@ def add_arguments(p):
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     add_kb_args(p, "answer from the knowledge base NAME, citing its passages (see `picochat kb`)")
+    p.add_argument("--tools", nargs="*", default=None, metavar="TOOL",
+                   help="let the model call built-in tools, which picochat runs and answers: calculator, python "
+                        "(in the sandbox); --tools alone: both. -v shows each call and its result")
+    p.add_argument("--tool-choice", default="auto", metavar="auto|required|TOOL",
+                   help="with --tools: auto (default): the model decides; required: it calls a tool first in "
+                        "each turn; TOOL: it calls that tool first in each turn")
 
 
 def run(args) -> int:
@@ -38,12 +46,15 @@ def run(args) -> int:
         pass
     from ..engine.session import ChatSession
     kb = open_kb(args.kb) if args.kb else None
+    tools = tool_use(args.tools, args.tool_choice) if args.tools is not None else None
+    if kb is not None and tools is not None:
+        raise ValueError("--kb and --tools cannot be used together")
     engine = open_engine(args)
     params = sampling_from_args(args)
     system = args.system
     if kb is not None:  # the knowledge base's persona, then the user's own system prompt
         system = "\n\n".join(p for p in (kb.setting("persona", DEFAULT_PERSONA), args.system) if p)
-    chat = ChatSession(engine, system)  # keeps the conversation's KV cache between turns
+    chat = ChatSession(engine, system, tools)  # keeps the conversation's KV cache between turns
     print("picochat — type a message, /help for commands, Ctrl-D to leave.", file=sys.stderr)
     while True:
         try:
@@ -61,6 +72,8 @@ def run(args) -> int:
                 return 0
         elif kb is not None:
             grounded_turn(chat, kb, text, params, args)
+        elif tools is not None:
+            tool_turn(chat, text, params, args.verbose)
         else:
             gen = chat.ask(text, params)
             stream(gen, args.verbose)
@@ -124,3 +137,79 @@ def grounded_turn(chat, kb, text: str, params, args):
     stream(gen, args.verbose)
     print(assistant.footer_of(gen.text, grounding).strip())
     chat.record(gen)
+
+
+# ----------------------------------------------------------------------------- tools
+def tool_use(names: list[str], choice: str):
+    """The ToolUse of --tools NAMES... (none named: all built-ins) and --tool-choice."""
+    from ..apps.agent_tools import tools_named
+    from ..engine.tools import ToolUse
+    tools = tools_named(names)
+    if choice not in ("auto", "required", *(t.name for t in tools)):
+        raise ValueError(f"--tool-choice must be auto, required or one of the tools "
+                         f"({', '.join(t.name for t in tools)}), got {choice!r}")
+    if choice in ("auto", "required"):
+        return ToolUse(tools, choice)
+    return ToolUse(tools, "function", function=choice)
+
+
+def tool_turn(chat, text: str, params, verbose: bool):
+    """One turn in which the model may call tools: each reply's calls are run (shown with -v) and their
+    results fed back, until it answers without a call — at most MAX_TOOL_ROUNDS replies."""
+    from ..apps.agent_tools import run_tool
+    enabled = [t.name for t in chat.tools.tools]
+    used = []
+    try:
+        gen = chat.ask(text, params)
+        for round_ in range(MAX_TOOL_ROUNDS):
+            interrupted = stream_content(gen, set(enabled), verbose)
+            calls = chat.record(gen)
+            if interrupted or not calls:
+                break
+            results = [(call, run_tool(call, enabled)) for call in calls]
+            for call, result in results:
+                used.append(call.name)
+                if verbose:
+                    show_call(call, result)
+            chat.add_tool_results(results)
+            if round_ == MAX_TOOL_ROUNDS - 1:
+                print(f"[the model was still calling tools after {MAX_TOOL_ROUNDS} rounds; stopped it]")
+                break
+            gen = chat.resume(params)
+    except KeyboardInterrupt:   # while a tool ran: the turn ends here, its calls unanswered
+        print(" [stopped]")
+    except ValueError as e:     # the results left no room in the context: the next turn may fit again
+        print(f"[the turn could not go on: {e}]")
+    if used and not verbose:
+        print(f"(used {', '.join(dict.fromkeys(used))})", file=sys.stderr)
+
+
+def stream_content(gen, tool_names: set[str], verbose: bool) -> bool:
+    """Print a reply's text as it streams, without its tool calls (their tags and JSON); Ctrl-C stops it.
+    Returns whether it was interrupted."""
+    from ..engine.tool_parser import ToolCallParser
+    parser, shown, interrupted = ToolCallParser(tool_names), False, False
+    try:
+        for piece in gen:
+            shown |= write(parser.feed(piece).content)
+    except KeyboardInterrupt:
+        interrupted = True
+        shown |= write(" [stopped]")
+    shown |= write(parser.finish().content)
+    if shown:
+        sys.stdout.write("\n")
+    if verbose:
+        print_stats(gen)
+    return interrupted
+
+
+def write(text: str) -> bool:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return bool(text)
+
+
+def show_call(call, result: str):
+    """-v: `[tool] calculator({"expression": "2+2"}) → 4`, a result's further lines indented below."""
+    indent = "\n" + " " * len("[tool] ")
+    print(f"[tool] {call.name}({call.arguments}) → {indent.join(result.splitlines()) or '(empty)'}", file=sys.stderr)

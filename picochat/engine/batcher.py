@@ -12,7 +12,7 @@ import collections
 import concurrent.futures
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -42,6 +42,8 @@ class Request:
     fed: int = 0                                          # prompt tokens in its cache row so far
     ended: bool = False                                   # its end event has been sent (exactly once)
     speculation: Speculation | None = None                # its drafts, once it has decoded alone
+    siblings: list["Request"] = field(default_factory=list)   # other choices of the same prompt (n > 1):
+                                                              # they start from this request's prefill
 
 
 class Batcher:
@@ -102,8 +104,22 @@ class Batcher:
 
         Raises ValueError for a bad request and QueueFull when the queue is at its limit.
         """
-        gen = self.engine.generate(prompt_ids, params, max_len=self.max_len)
-        request = Request(gen, on_event, deadline=None if timeout is None else time.monotonic() + timeout)
+        return self.submit_choices(prompt_ids, [params], on_event, timeout)[0]
+
+    def submit_choices(self, prompt_ids: list[int], params: list[SamplingParams],
+                       on_event: Callable[[Generation, str | None], None], timeout: float | None = None
+                       ) -> list[Request]:
+        """Queue len(params) generations of one prompt (a request's n choices): the prompt is prefilled
+        once, and each choice starts from a copy of its keys and values in a row of its own, with its first
+        token drawn from the same scores. They are admitted together (when that many rows are free)."""
+        if not 1 <= len(params) <= self.max_batch:
+            raise ValueError(f"{len(params)} choices of one prompt; this server runs at most {self.max_batch} "
+                             "at once (--parallel)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        requests = [Request(self.engine.generate(prompt_ids, p, max_len=self.max_len), on_event, deadline=deadline)
+                    for p in params]
+        request = requests[0]
+        request.siblings = requests[1:]
         with self.wake:
             if self._draining or self._closed:
                 raise QueueFull("the server is shutting down")
@@ -111,7 +127,7 @@ class Batcher:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self.waiting.append(request)
             self.wake.notify()
-        return request
+        return requests
 
     def cancel(self, request: Request):
         """Stop a generation (e.g. its client went away); its row is freed at the next step."""
@@ -155,7 +171,8 @@ class Batcher:
             self.prefilling = None
             self.waiting.clear()
         for r in in_flight:
-            self._end(r, error="the server is shutting down")
+            for choice in [r, *r.siblings]:
+                self._end(choice, error="the server is shutting down")
 
     # ------------------------------------------------------------------ the loop (the batcher's thread)
     def run(self, until_idle: bool = False):
@@ -214,13 +231,16 @@ class Batcher:
             for r in expired:
                 self.waiting.remove(r)
         for r in expired:
-            self._end(r, error="timed out waiting for a free slot")
+            for choice in [r, *r.siblings]:
+                self._end(choice, error="timed out waiting for a free slot")
         for r in self.active + [self.prefilling] * (self.prefilling is not None):
             if late(r) and r.error is None:
                 r.error = "timed out"
 
     def _fail_all(self, e: Exception):
         failed = self.active + [self.prefilling] * (self.prefilling is not None)
+        if self.prefilling is not None:
+            failed += self.prefilling.siblings
         self.active.clear()
         self.prefilling = None
         for r in failed:
@@ -232,13 +252,15 @@ class Batcher:
         """Start prefilling the next waiting request, in the free row that serves most of its prompt."""
         while self.prefilling is None and len(self.active) < self.max_batch:
             with self.wake:
-                if not self.waiting:
-                    return
+                if not self.waiting or len(self.active) + 1 + len(self.waiting[0].siblings) > self.max_batch:
+                    return   # (a request's choices wait until there are rows for all of them)
                 request = self.waiting.popleft()
             gen = request.gen
-            gen.begin()
+            for choice in [request, *request.siblings]:
+                choice.gen.begin()
             if request.cancelled or request.error:
                 self._end(request)
+                self._start_siblings(request, None)
                 continue
             row = len(self.active)
             try:
@@ -246,6 +268,7 @@ class Batcher:
             except Exception as e:
                 self.rows.forget(row)
                 self._end(request, error=f"{type(e).__name__}: {e}")
+                self._start_siblings(request, None)
                 continue
             gen.stats.cached_tokens = request.fed
             self.cached_tokens += request.fed
@@ -260,6 +283,7 @@ class Batcher:
         if request.cancelled or request.error:
             self.prefilling = None
             self._end(request)
+            self._start_siblings(request, None)
             return
         try:
             chunk = gen.prompt_ids[request.fed:request.fed + self.prefill_chunk]
@@ -274,13 +298,41 @@ class Batcher:
             self.prefilling = None
             self.rows.forget(row)
             self._end(request, error=f"{type(e).__name__}: {e}")
+            self._start_siblings(request, None, error=f"{type(e).__name__}: {e}")
             return
-        if not gen.done:
-            self.active.append(request)  # row == len(active): it joins the decoding rows as it is
-        self.prefilling = None           # (after joining: it is never out of both, for drain() to see)
+        self._join(request, row, piece)
+        self.prefilling = None   # (after joining: it is never out of both, for drain() to see)
+        self._start_siblings(request, row, logits[0, -1])
+
+    def _join(self, request: Request, row: int, piece: str):
+        """A request whose first token is out joins the decoding rows (row == len(active)): or, if it is
+        already done, ends, its row kept as a cached prefix."""
+        if not request.gen.done:
+            self.active.append(request)
         self._emit(request, piece)
-        if gen.done:
-            self._end(request)   # its row stays a cached prefix
+        if request.gen.done:
+            self._end(request)
+
+    def _start_siblings(self, request: Request, row: int | None, scores: torch.Tensor | None = None,
+                        error: str | None = None):
+        """The other choices of `request`'s prompt, once it is prefilled into `row`: each takes a copy of the
+        row into the next free row and its first token from the same `scores` (its own sampler and seed).
+        row None: the prefill did not happen (failed, cancelled); they end with it."""
+        siblings, request.siblings = request.siblings, []
+        for sibling in siblings:
+            if row is None or sibling.cancelled or sibling.error:
+                self._end(sibling, error=error or request.error or ("cancelled" if request.cancelled else None))
+                continue
+            gen, target = sibling.gen, len(self.active)
+            try:
+                self.rows.copy(row, target)
+                gen.stats.cached_tokens = len(gen.prompt_ids)
+                piece = "" if gen.prompt_only() else gen.accept(gen.next_token(scores), scores)
+            except Exception as e:
+                self.rows.forget(target)
+                self._end(sibling, error=f"{type(e).__name__}: {e}")
+                continue
+            self._join(sibling, target, piece)
 
     @torch.inference_mode()
     def decode_step(self):
@@ -370,7 +422,8 @@ class Batcher:
         vocab = logits[ok[0]].shape[-1]
         try:
             picked = sampling.sample_rows(torch.stack([logits[i] for i in ok]), [g.params for g in gens],
-                                 [g.generator for g in gens], [g.penalty_mask(vocab) for g in gens])
+                                          [g.generator for g in gens], [g.penalty_mask(vocab) for g in gens],
+                                          [g.grammar_mask(vocab) for g in gens])
             for i, token in zip(ok, picked):
                 tokens[i] = token
             return tokens
@@ -378,7 +431,7 @@ class Batcher:
             pass
         for i, gen in zip(ok, gens):
             try:
-                tokens[i] = sampling.sample_rows(logits[i][None], [gen.params], [gen.generator], [gen.penalty_mask(vocab)])[0]
+                tokens[i] = gen.next_token(logits[i])
             except Exception as e:
                 self.active[i].error = f"{type(e).__name__}: {e}"
         return tokens

@@ -17,6 +17,7 @@ from ..hw import IdleCores
 from ..model.gpt import GPT, KVCache
 from ..tokenizer.bpe import Tokenizer
 from .generation import Generation
+from .grammar import GrammarCompiler
 from .prefill import PREFILL_CHUNK, prefill_chunk, reusable_prefix
 from .sampling import SamplingParams, TokenLogprob, token_logprob
 from .speculative import ModelDrafter, PassCosts, Speculation, weight_bytes
@@ -54,6 +55,18 @@ class Engine:
         self.cores = IdleCores() if adapt_threads else None
         self._cache: KVCache | None = None   # the last generation's keys and values ...
         self._cached_ids: list[int] = []     # ... for these tokens
+        self._grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars_built(self) -> bool:
+        return self._grammars is not None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles the grammars generations are constrained to (made on first use: ~1 s for 150k tokens)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
+        return self._grammars
 
     @property
     def context_length(self) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from ..tokenizer.bpe import StreamDecoder
 from . import sampling
+from .grammar import Grammar
 from .sampling import SamplingParams, TokenLogprob, token_logprob
 
 
@@ -74,9 +75,15 @@ class Generation:
         self._decoder = StreamDecoder(tokenizer)
         self._pending = ""  # decoded text held back because it may be the start of a stop string
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
-        self._stopped_by_string = False
+        self.stop_string: str | None = None   # the stop string that ended it, if one did
         self._start = self._first_token_at = None
         self.last_token: int | None = None
+        # a grammar constrains the output from the start, or (grammar_trigger) once the text holds the trigger
+        self.grammar: Grammar | None = None
+        self._trigger, self._trigger_from = params.grammar_trigger, 0
+        if params.grammar is not None and self._trigger is None:
+            self.grammar = engine.grammars.start(params.grammar)
+        self._mask: tuple[int, torch.Tensor] | None = None   # (grammar tokens accepted, its mask) of this step
 
     def __iter__(self):
         yield from self.engine.stream(self)
@@ -117,10 +124,21 @@ class Generation:
                 self.seen[torch.tensor(context)] = True
         return self.seen
 
+    def grammar_mask(self, vocab: int) -> torch.Tensor | None:
+        """(vocab,) bool: the tokens the grammar allows next (None: no grammar, or not started). Computed
+        once per step, however many times the sampler and the speculative checks ask."""
+        if self.grammar is None:
+            return None
+        if self._mask is None or self._mask[0] != self.grammar.accepted:
+            self._mask = (self.grammar.accepted, self.grammar.allowed(vocab))
+        return self._mask[1]
+
     def next_token(self, logits: torch.Tensor) -> int:
         """Sample the next token from a (vocab,) row of logits with this generation's settings (every token
         of every caller is picked by sampling.sample_rows: one sampler, one place to look)."""
-        return sampling.sample_rows(logits[None], [self.params], [self.generator], [self.penalty_mask(logits.shape[-1])])[0]
+        vocab = logits.shape[-1]
+        return sampling.sample_rows(logits[None], [self.params], [self.generator], [self.penalty_mask(vocab)],
+                                    [self.grammar_mask(vocab)])[0]
 
     def accept(self, token: int, logits: torch.Tensor) -> str:
         """Take `token` (sampled from the (vocab,) row `logits`) and apply the stop rules; return new text."""
@@ -134,6 +152,8 @@ class Generation:
         if token in self._stop_ids:
             self.finish_reason, self.done = "stop", True
             return ""
+        if self.grammar is not None and not self.grammar.accept([token]):
+            raise ValueError(f"token {token} breaks the output's grammar")
         if self.params.logprobs is not None:
             self.logprobs.append(token_logprob(logits, token, self.params.logprobs))
         self.token_ids.append(token)
@@ -142,14 +162,33 @@ class Generation:
             self.seen[token] = True
         if len(self.token_ids) >= self.max_new:
             self.finish_reason, self.done = "length", True
-        return self._text_of(token)
+        text = self._text_of(token)
+        if self._trigger is not None:
+            self._start_grammar_on_trigger()
+        if self.grammar is not None and self.grammar.is_done() and not self.done:
+            self.finish_reason, self.done = "stop", True   # complete: nothing but the end of the turn may follow
+        return text
+
+    def _start_grammar_on_trigger(self):
+        """Start the grammar once the output holds the trigger; what follows the trigger (a token may
+        reach past it) is fed to it first. If that breaks the grammar, the model has left the format:
+        the output stays free."""
+        written = self.text + self._pending
+        at = written.find(self._trigger, max(0, self._trigger_from - len(self._trigger)))
+        self._trigger_from = len(written)
+        if at < 0:
+            return
+        rest, self._trigger = written[at + len(self._trigger):], None
+        grammar = self.engine.grammars.start(self.params.grammar)
+        if not rest or grammar.accept(self.engine.grammars.tokenize(rest)):
+            self.grammar = grammar
 
     def _text_of(self, token: int) -> str:
         """The text `token` completes, less what may be the start of a stop string (held back until ruled out)."""
         self._pending += self._decoder.push(token)
         if (hit := find_stop(self._pending, self.params.stop)) is not None:
-            self._pending, self.finish_reason, self.done = self._pending[:hit], "stop", True
-            self._stopped_by_string = True
+            self._stop_at(hit)
+            self.done = True
             return ""
         emit = self._pending[:len(self._pending) - self._holdback]
         self._pending = self._pending[len(emit):]
@@ -158,14 +197,20 @@ class Generation:
 
     def finish(self) -> str:
         """The held-back tail of the text once generation has ended (it may still hold a stop string)."""
-        if not self._stopped_by_string:
+        if self.stop_string is None:
             self._pending += self._decoder.flush()
             if (hit := find_stop(self._pending, self.params.stop)) is not None:
-                self._pending, self.finish_reason = self._pending[:hit], "stop"
+                self._stop_at(hit)
         tail, self._pending = self._pending, ""
         self.text += tail
         self.done = True
         return tail
+
+    def _stop_at(self, hit: int):
+        """End at the stop string found at `hit` in the held-back text (of several starting there, the
+        shortest: it was complete first)."""
+        self.stop_string = min((s for s in self.params.stop if s and self._pending.startswith(s, hit)), key=len)
+        self._pending, self.finish_reason = self._pending[:hit], "stop"
 
     def fail(self, error: str):
         """End with finish_reason "error: ..." (the model or sampler failed on it, or it ran out of time)."""

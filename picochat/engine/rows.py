@@ -73,6 +73,18 @@ class RowCache:
         self.ids[a], self.ids[b] = self.ids[b], self.ids[a]
         self.used[a], self.used[b] = self.used[b], self.used[a]
 
+    def copy(self, source: int, target: int):
+        """Make row `target` hold what row `source` holds (another choice of the same prompt; a target
+        used as a cached prefix loses it)."""
+        if source == target:
+            return
+        n = len(self.ids[source])
+        for t in (*self.kv.k, *self.kv.v):
+            t[target, :, :n] = t[source, :, :n]
+        self.kv.lengths[target] = self.kv.lengths[source].clone()
+        self.ids[target] = list(self.ids[source])
+        self.touch(target)
+
     def forget(self, row: int):
         """Drop what a row holds (after a failure its keys and values cannot be trusted)."""
         self.ids[row] = []

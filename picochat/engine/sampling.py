@@ -31,6 +31,8 @@ class SamplingParams:
     logprobs: int | None = None                     # record each token's log-probability and this many alternatives
     prompt_logprobs: int | None = None              # score the prompt too: each prompt token's log-probability
                                                     # and this many alternatives (max_new_tokens may then be 0)
+    grammar: str | None = None          # output constrained to this grammar (grammar.py: a compiled grammar's text)
+    grammar_trigger: str | None = None  # ... only once the output holds this text (a tool call's opening tag)
 
     def validate(self):
         """Raise ValueError naming the first setting out of range (NaN and infinities included)."""
@@ -70,14 +72,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                seen: list[torch.Tensor | None] | None = None) -> list[int]:
+                seen: list[torch.Tensor | None] | None = None,
+                allowed: list[torch.Tensor | None] | None = None) -> list[int]:
     """Pick the next token of each row of (rows, vocab) logits, all rows in a few tensor operations.
 
     Greedy rows take the argmax. Sampled rows draw from `distributions` with a uniform number from their
-    own generator (seeded requests are reproducible whatever else is in the batch).
+    own generator (seeded requests are reproducible whatever else is in the batch). `allowed` holds each
+    row's grammar mask (None: any token), so constrained and free rows share one batch.
     Raises ValueError when a row's scores hold NaN (a broken model or weights).
     """
-    logits = penalised(logits, params, seen)
+    logits = penalised(logits, params, seen, allowed)
     tokens = logits.max(dim=-1).indices.tolist()  # (max is ~3× faster than argmax on the CPU; same first index)
     rows = [b for b, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if not rows:
@@ -92,18 +96,26 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
     return tokens
 
 
-def penalised(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor | None] | None = None
-              ) -> torch.Tensor:
-    """(rows, vocab) logits as float32 with each row's repetition penalty applied; ValueError on NaN."""
+def penalised(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor | None] | None = None,
+              allowed: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """(rows, vocab) logits as float32 with each row's repetition penalty and grammar mask applied (a token
+    the grammar forbids scores -inf); ValueError on NaN or on a row its grammar leaves no token."""
     logits = logits.float()
     broken = torch.isnan(logits).any(dim=-1)
     if bool(broken.any()):
         raise ValueError(f"the model's scores for row(s) {broken.nonzero()[:, 0].tolist()} are NaN")
-    if seen is not None and any(s is not None for s in seen):
+    seen = [s if s is not None and p.repetition_penalty != 1.0 else None for s, p in zip(seen or [], params)]
+    allowed = allowed or []
+    if any(s is not None for s in seen) or any(a is not None for a in allowed):
         logits = logits.clone()
-        for b, s in enumerate(seen):
-            if s is not None and params[b].repetition_penalty != 1.0:
-                logits[b] = apply_repetition_penalty(logits[b], s, params[b].repetition_penalty)
+    for b, s in enumerate(seen):
+        if s is not None:
+            logits[b] = apply_repetition_penalty(logits[b], s, params[b].repetition_penalty)
+    for b, a in enumerate(allowed):
+        if a is not None:
+            if not bool(a.any()):
+                raise ValueError(f"the grammar of row {b} allows no token")
+            logits[b].masked_fill_(~a, float("-inf"))
     return logits
 
 
@@ -131,10 +143,11 @@ def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[t
     return ids, probs.masked_fill(before >= top_p[:, None], 0.0)
 
 
-def probabilities(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The (vocab,) distribution the next token is drawn from under `params`, normalised: one-hot on the
-    argmax when greedy (what speculative decoding checks a drafted token against)."""
-    row = penalised(logits[None], [params], [seen])
+def probabilities(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
+                  allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The (vocab,) distribution the next token is drawn from under `params` (and a grammar's mask),
+    normalised: one-hot on the argmax when greedy (what speculative decoding checks a drafted token against)."""
+    row = penalised(logits[None], [params], [seen], [allowed])
     if params.temperature < MIN_TEMPERATURE:
         return torch.nn.functional.one_hot(row.max(dim=-1).indices[0], row.shape[-1]).float()
     ids, probs = distributions(row, [params])

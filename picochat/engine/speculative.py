@@ -148,7 +148,7 @@ def choose(gen: Generation, row: torch.Tensor, guess: int, q: torch.Tensor | Non
     if gen.params.temperature < MIN_TEMPERATURE:
         token = gen.next_token(row)  # the very sampler plain decoding uses
         return token, token == guess
-    p = probabilities(row, gen.params, gen.penalty_mask(row.shape[-1]))
+    p = probabilities(row, gen.params, gen.penalty_mask(row.shape[-1]), gen.grammar_mask(row.shape[-1]))
     q_guess = 1.0 if q is None else float(q[guess])
     if float(torch.rand(1, generator=gen.generator)) * q_guess < float(p[guess]):  # u < p(d) / q(d)
         return guess, True

@@ -1,7 +1,8 @@
 """The server's wiring: the routes, the guard every request passes (API key, body size, metrics), OpenAI's
-error shape for every failure, and uvicorn with a graceful shutdown.
+error shape for every failure (Anthropic's under /v1/messages), and uvicorn with a graceful shutdown.
 
     POST /v1/chat/completions   POST /v1/completions   POST /v1/embeddings     (openai.py)
+    POST /v1/messages   POST /v1/messages/count_tokens                         (anthropic.py)
     GET /v1/models   GET /v1/kb   GET /health   GET /metrics   GET /           (here)
 
 What a request becomes on its way to the engine and back is openai.py's; the typed bodies are
@@ -20,6 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .anthropic import count_message_tokens, create_message
+from .anthropic import error_response as anthropic_error
 from .knowledge import Knowledge
 from .openai import chat_completions, completions, embeddings
 from .protocol import MAX_BODY_BYTES, APIError, KnowledgeBase, KnowledgeBaseList, ModelCard, ModelList
@@ -80,16 +83,26 @@ async def favicon(request: Request):
 
 
 # --------------------------------------------------------------------------- errors and the guard
-async def api_error(request: Request, exc: APIError):
+ANTHROPIC_PATHS = "/v1/messages"   # Anthropic's API: its error shape, and its x-api-key header
+
+
+def error_response(request: Request, exc: APIError) -> Response:
+    """The error in the shape of the API the path belongs to."""
+    if request.url.path.startswith(ANTHROPIC_PATHS):
+        return anthropic_error(exc)
     return exc.response()
 
 
+async def api_error(request: Request, exc: APIError):
+    return error_response(request, exc)
+
+
 async def http_error(request: Request, exc: StarletteHTTPException):
-    return APIError(exc.status_code, str(exc.detail), type="invalid_request_error").response()
+    return error_response(request, APIError(exc.status_code, str(exc.detail), type="invalid_request_error"))
 
 
-async def unexpected(request: Request, exc: Exception):  # last resort: still OpenAI's shape, no traceback
-    return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+async def unexpected(request: Request, exc: Exception):  # last resort: still the API's shape, no traceback
+    return error_response(request, APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
 
 async def guard(request: Request, call_next):
@@ -100,8 +113,11 @@ async def guard(request: Request, call_next):
         if state.api_key and path.startswith("/v1/") and path != "/v1/models":
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not token and path.startswith(ANTHROPIC_PATHS):   # Anthropic's clients send x-api-key
+                token = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'",
+                raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'"
+                                    + (" or 'x-api-key: KEY'" if path.startswith(ANTHROPIC_PATHS) else ""),
                                type="authentication_error", code="invalid_api_key")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
@@ -109,7 +125,7 @@ async def guard(request: Request, call_next):
                            code="request_too_large")
         response = await call_next(request)
     except APIError as e:
-        response = e.response()
+        response = error_response(request, e)
     state.count(path, response.status_code)
     return response
 
@@ -119,6 +135,8 @@ ROUTES = [
     ("POST", "/v1/chat/completions", chat_completions),
     ("POST", "/v1/completions", completions),
     ("POST", "/v1/embeddings", embeddings),
+    ("POST", "/v1/messages", create_message),
+    ("POST", "/v1/messages/count_tokens", count_message_tokens),
     ("GET", "/v1/kb", list_knowledge_bases),
     ("GET", "/v1/models", list_models),
     ("GET", "/health", health),

@@ -3,23 +3,26 @@
     POST /v1/chat/completions   POST /v1/completions   POST /v1/embeddings
 
 A generating request takes one path: its body is parsed and checked against its schema (protocol.py),
-mapped to the engine's terms (prompt ids and SamplingParams: `chat_to_engine`, `completion_to_engine`),
-run by the Batcher (`run_generation`: its events arrive as text pieces), and written as protocol.py's
-typed responses by one builder per kind: `chat_completion`, `chat_chunk` and `text_completion` (a
-completion, and each chunk of its stream), streamed through the one SSE writer (stream.py). Generation
-runs on the Batcher's thread: decode steps of all active requests share one forward pass; a client that
-disconnects stops its generation; a request that fails ends alone.
+mapped to the engine's terms (a chat.ChatCall, or a completion's prompt ids and SamplingParams), run by
+the Batcher through chat.run_choices (its n choices share one prefill; each choice's text is parsed into
+content and tool calls as it comes), and written as protocol.py's typed responses by one builder per
+kind: `chat_completion`, `chat_chunk` and `text_completion`, streamed through the one SSE writer
+(stream.py). A client that disconnects stops its generation; a request that fails ends alone.
 
-With `--kb`, a chat request is grounded in a knowledge base first (apps/assistant.py: retrieve, then a
-prompt with numbered sources, or a decline with no generation, written by the same builders); the reply
-gets its sources appended and the response an extra `retrieval` field (each source's path relative to the
-knowledge base's folder: a response never shows the server's own paths). Retrieval and embeddings also run
-on the Batcher's thread (between decode steps), so the sentence encoder and the model never compete for
-the CPU's cores.
+Tools and answer shapes: `tools` and `tool_choice` become a ToolUse, `response_format` a JSON mode with its
+schema (engine/tools.py renders them into the prompt and the grammar the reply keeps to); a streamed tool
+call goes out as OpenAI's deltas — index, id and name once, then pieces of its arguments — that join to
+exactly the non-streamed reply.
+
+With `--kb`, a chat request without tools or an answer shape is grounded in a knowledge base first
+(apps/assistant.py: retrieve, then a prompt with numbered sources, or a decline with no generation,
+written by the same builders); the reply gets its sources appended and the response an extra `retrieval`
+field (each source's path relative to the knowledge base's folder: a response never shows the server's own
+paths). Retrieval and embeddings also run on the Batcher's thread (between decode steps), so the sentence
+encoder and the model never compete for the CPU's cores.
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
@@ -28,9 +31,11 @@ from typing import AsyncIterator
 from fastapi import Request
 
 from ..apps import assistant
-from ..engine.batcher import QueueFull
-from ..engine.generation import Generation
 from ..engine.sampling import SamplingParams, TokenLogprob
+from ..engine.tool_parser import ToolCallDelta
+from ..engine.tools import Tool, ToolUse
+from .chat import (ChatCall, ChoiceReply, Events, answer_grammar, check_tool_choice, choices_of, finish,
+                   grammars_ready, prepare, run_choices, sampling_for)
 from .protocol import (EMBEDDING_SLICE_TOKENS, MAX_BODY_BYTES, MAX_EMBEDDING_TOKENS, APIError, ChatChoice,
                        ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatMessage, ChatRequest,
                        ChatTokenLogprob, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
@@ -39,8 +44,8 @@ from .protocol import (EMBEDDING_SLICE_TOKENS, MAX_BODY_BYTES, MAX_EMBEDDING_TOK
                        validate)
 from .state import ServerState
 from .stream import json_response, streaming_response
+from .tool_protocol import FunctionCallOut, FunctionDelta, ToolCallDeltaOut, ToolCallOut
 
-Pieces = AsyncIterator[tuple[str, int]]   # a generation's text pieces, each with the number of tokens so far
 COUNT_SLICE = 256   # embeddings' texts tokenized (counted) at once on the engine's thread
 
 
@@ -68,39 +73,57 @@ async def read_body(request: Request, schema):
         raise APIError.from_request_error(e) from None
 
 
-def sampling_params(body, prompt_ids: list[int], context: int, max_tokens: int | None,
-                    allow_zero: bool = False) -> SamplingParams:
-    """The body's sampling settings, with max_new_tokens checked against the context."""
-    if max_tokens == 0 and not allow_zero:
-        raise APIError(400, "'max_tokens' must be at least 1 (0 is allowed only with echo)", "max_tokens",
-                       "invalid_value")
-    if len(prompt_ids) + (max_tokens or 1) > context or len(prompt_ids) >= context:
-        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens or 1}: together "
-                            f"they exceed the model's context of {context} tokens", "max_tokens",
-                       "context_length_exceeded")
-    return SamplingParams(max_new_tokens=context - len(prompt_ids) if max_tokens is None else max_tokens,
-                          temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+def base_sampling(body) -> SamplingParams:
+    """The body's sampling settings (max_new_tokens is set against the prompt's length later)."""
+    return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                           repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop_list())
 
 
-def chat_to_engine(state: ServerState, body: ChatRequest,
-                   messages: list[dict] | None = None) -> tuple[list[int], SamplingParams]:
-    """A chat request as prompt ids (the chat template over the messages — or over `messages`, the
-    grounded conversation, when a knowledge base answers) and sampling settings."""
+def answer_shape(body) -> tuple[bool, dict | None, bool]:
+    """response_format as (JSON mode, schema, strict)."""
+    shape = body.response_format
+    if shape is None or shape.type == "text":
+        return False, None, False
+    if shape.type == "json_object":
+        return True, None, False
+    return True, shape.json_schema.schema_, bool(shape.json_schema.strict)
+
+
+def tool_use_of(body: ChatRequest) -> ToolUse | None:
+    """tools and tool_choice as a ToolUse (None when the request has neither), checked against each other."""
+    if body.tools is None and body.tool_choice is None:
+        return None
+    choice = body.tool_choice or ("auto" if body.tools else "none")
+    tools = [Tool(t.function.name, t.function.description, t.function.parameters or {"type": "object", "properties": {}})
+             for t in body.tools or []]
+    use = ToolUse(tools, choice, body.parallel_tool_calls) if isinstance(choice, str) else \
+        ToolUse(tools, "function", body.parallel_tool_calls, function=choice.function.name)
+    check_tool_choice(use, "tool_choice" if isinstance(choice, str) else "tool_choice.function.name")
+    return use
+
+
+def chat_call(state: ServerState, body: ChatRequest, messages: list[dict] | None = None) -> ChatCall:
+    """A chat request in the engine's terms (`messages`: the grounded conversation, when a knowledge base
+    answers)."""
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    try:
-        prompt_ids = state.engine.chat_prompt(messages if messages is not None else body.message_dicts())
-    except ValueError as e:
-        raise APIError(400, f"cannot render the chat template: {e}", "messages") from None
     max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
-    params = sampling_params(body, prompt_ids, state.ready().max_len, max_tokens)
-    params.logprobs = body.top_logprobs if body.logprobs else None
-    return prompt_ids, params
+    if max_tokens == 0:
+        raise APIError(400, "'max_tokens' must be at least 1", "max_tokens", "invalid_value")
+    json_mode, schema, strict = answer_shape(body)
+    tools = tool_use_of(body)
+    if json_mode and tools is not None and tools.calls_possible:
+        raise APIError(400, "'response_format' cannot be combined with tools the model may call: set tool_choice "
+                            "'none' or send one of them", "response_format")
+    sampling = base_sampling(body)
+    sampling.logprobs = body.top_logprobs if body.logprobs else None
+    return ChatCall(messages if messages is not None else body.message_dicts(), sampling, max_tokens, tools,
+                    json_mode, schema, strict, body.n)
 
 
-def completion_to_engine(state: ServerState, body: CompletionRequest) -> tuple[list[int], SamplingParams]:
-    """A completion request as prompt ids (the raw prompt: the client owns all of its markup) and settings."""
+def completion_to_engine(state: ServerState, body: CompletionRequest) -> tuple[list[int], list[SamplingParams]]:
+    """A completion request as prompt ids (the raw prompt: the client owns all of its markup) and each
+    choice's settings (a schema's grammar compiled: after chat.grammars_ready)."""
     if body.echo and body.stream:
         raise APIError(400, "'echo' is not supported with 'stream'", "echo")
     prompt = body.prompt
@@ -114,74 +137,16 @@ def completion_to_engine(state: ServerState, body: CompletionRequest) -> tuple[l
         prompt_ids = list(prompt)
     if not prompt_ids:
         raise APIError(400, "'prompt' is empty", "prompt")
-    params = sampling_params(body, prompt_ids, state.ready().max_len, body.max_tokens, allow_zero=body.echo)
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "'max_tokens' must be at least 1 (0 is allowed only with echo)", "max_tokens")
+    params = sampling_for(base_sampling(body), prompt_ids, state.ready().max_len, body.max_tokens)
     params.logprobs = body.logprobs
     if body.echo and body.logprobs is not None:  # scored on the batcher, a chunk at a time
         params.prompt_logprobs = body.logprobs
-    return prompt_ids, params
-
-
-# --------------------------------------------------------------------------- the engine
-async def run_generation(state: ServerState, request: Request, prompt_ids: list[int],
-                         params: SamplingParams) -> tuple[Generation, Pieces]:
-    """Submit to the batcher. Returns (gen, pieces): pieces yields (text, tokens so far) as they come and
-    raises APIError if the generation failed. A full queue raises here, before any response starts."""
-    batcher = state.ready()
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-
-    def on_event(gen, piece):  # on the batcher thread
-        loop.call_soon_threadsafe(events.put_nowait, (piece, len(gen.token_ids)))
-    try:
-        handle = batcher.submit(prompt_ids, params, on_event, timeout=state.request_timeout)
-    except QueueFull as e:
-        raise APIError(503, str(e), type="server_error", code="queue_full") from None
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
-    return handle.gen, pieces_of(state, request, handle, events)
-
-
-async def pieces_of(state: ServerState, request: Request, handle, events: asyncio.Queue) -> Pieces:
-    """The pieces of the batcher's request `handle` as its thread reports them through `events`; the tokens
-    counted once it has ended. A client gone away (a cancelled stream, or a disconnect noticed while
-    waiting) cancels the generation."""
-    finished = False
-    try:
-        while True:
-            try:
-                piece, n = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
-            if piece is None:
-                finished = True
-                break
-            yield piece, n
-    finally:
-        if not finished:
-            state.batcher.cancel(handle)
-    gen = handle.gen
-    state.prompt_tokens += gen.stats.prompt_tokens
-    state.completion_tokens += gen.stats.completion_tokens
-    if gen.finish_reason and gen.finish_reason.startswith("error"):
-        raise generation_error(gen.finish_reason)
-
-
-def generation_error(finish_reason: str) -> APIError:
-    """The API error for a generation that ended with finish_reason 'error: ...'."""
-    reason = finish_reason.removeprefix("error: ")
-    if reason.startswith("timed out"):
-        return APIError(504, f"the request {reason} (the server's limit is set by --timeout)",
-                        type="server_error", code="timeout")
-    if "shutting down" in reason:
-        return APIError(503, reason, type="server_error", code="shutting_down")
-    return APIError(500, f"generation failed: {reason}", type="server_error")
-
-
-async def finish(pieces: Pieces) -> None:
-    async for _ in pieces:
-        pass
+    json_mode, schema, strict = answer_shape(body)
+    if json_mode:
+        params.grammar = answer_grammar(state.engine.grammars, schema, strict)
+    return prompt_ids, choices_of(params, body.n)
 
 
 # --------------------------------------------------------------------------- engine -> response
@@ -219,13 +184,15 @@ def completion_logprobs(entries: list[ChatTokenLogprob | None], texts: list[str]
     return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
 
 
-def usage_of(gen: Generation) -> Usage:
-    p, c = gen.stats.prompt_tokens, gen.stats.completion_tokens
+def usage_of(replies: list[ChoiceReply]) -> Usage:
+    """The prompt counted once (its choices share one prefill), the completions of every choice."""
+    stats = replies[0].gen.stats
+    p, c = stats.prompt_tokens, sum(r.gen.stats.completion_tokens for r in replies)
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=gen.stats.cached_tokens))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_tokens))
 
 
-def timings_of(gen: Generation) -> Timings:
+def timings_of(gen) -> Timings:
     s = gen.stats
     return Timings(time_to_first_token_ms=round(s.time_to_first_token * 1000, 2),
                    tokens_per_second=round(s.tokens_per_s, 2), draft_n=sum(s.drafted.values()),
@@ -241,75 +208,78 @@ def response_head(prefix: str, model: str) -> dict:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
 
 
-def chat_completion(head: dict, text: str, finish_reason: str | None, usage: Usage, logprobs=None,
-                    timings=None, retrieval=None) -> ChatCompletion:
-    choice = ChatChoice(message=ChatMessage(content=text), logprobs=logprobs, finish_reason=finish_reason)
-    return ChatCompletion(**head, choices=[choice], usage=usage, timings=timings, retrieval=retrieval)
+def chat_message(reply: ChoiceReply, footer: str = "") -> ChatMessage:
+    """A choice's message: its content (null when it is only tool calls) and its calls."""
+    content = reply.content + footer
+    calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in reply.calls]
+    return ChatMessage(content=None if calls and not content else content, tool_calls=calls or None)
 
 
-def chat_chunk(head: dict, delta: ChatDelta, finish_reason: str | None = None, logprobs=None,
+def chat_completion(head: dict, choices: list[ChatChoice], usage: Usage, timings=None, retrieval=None
+                    ) -> ChatCompletion:
+    return ChatCompletion(**head, choices=choices, usage=usage, timings=timings, retrieval=retrieval)
+
+
+def chat_chunk(head: dict, index: int, delta: ChatDelta, finish_reason: str | None = None, logprobs=None,
                retrieval=None) -> ChatCompletionChunk:
-    choice = ChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)
+    choice = ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
     return ChatCompletionChunk(**head, choices=[choice], retrieval=retrieval)
 
 
-def text_completion(head: dict, text: str, finish_reason: str | None = None, logprobs=None,
-                    usage=None) -> Completion:
+def tool_deltas(calls: list[ToolCallDelta]) -> list[ToolCallDeltaOut]:
+    """Parsed call pieces in OpenAI's delta shape (id, type and name on a call's first delta only)."""
+    return [ToolCallDeltaOut(index=d.index, id=d.id, type="function" if d.id else None,
+                             function=FunctionDelta(name=d.name, arguments=d.arguments)) for d in calls]
+
+
+def text_completion(head: dict, choices: list[CompletionChoice], usage=None) -> Completion:
     """A completion response, or (without usage) one chunk of its stream."""
-    choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish_reason)
-    return Completion(**head, choices=[choice], usage=usage)
+    return Completion(**head, choices=choices, usage=usage)
 
 
-async def chat_chunks(head: dict, gen: Generation, pieces: Pieces, body: ChatRequest, tokenizer,
-                      retrieval: Retrieval | None) -> AsyncIterator[ChatCompletionChunk]:
-    """A streamed chat reply: the role (and the retrieval), each piece with its tokens' logprobs if asked,
-    the finish reason, then the usage if asked."""
-    yield chat_chunk(head, ChatDelta(role="assistant", content=""), retrieval=retrieval)
-    sent = 0  # tokens whose logprobs have gone out
-    async for text, n in pieces:
+async def chat_chunks(head: dict, replies: list[ChoiceReply], events: Events, body: ChatRequest, tokenizer,
+                      grounding: assistant.Grounding | None) -> AsyncIterator[ChatCompletionChunk]:
+    """A streamed chat reply, per choice: the role (with tools possible, no empty content: a reply of only
+    calls joins to content null), content pieces with their tokens' logprobs if asked, tool-call deltas,
+    the sources footer when grounded, the finish reason; then the usage if asked."""
+    for reply in replies:
+        first = ChatDelta(role="assistant", content=None if reply.parser else "")
+        yield chat_chunk(head, reply.index, first, retrieval=retrieval_of(grounding) if reply.index == 0 else None)
+    async for reply, delta in events:
         logprobs = None
-        if body.logprobs:
-            logprobs, sent = chat_logprobs(tokenizer, gen.logprobs[sent:n], body.top_logprobs), n
-        yield chat_chunk(head, ChatDelta(content=text), logprobs=logprobs)
-    yield chat_chunk(head, ChatDelta(), finish_reason=gen.finish_reason)
+        if body.logprobs and reply.tokens > reply.sent_tokens:
+            logprobs = chat_logprobs(tokenizer, reply.gen.logprobs[reply.sent_tokens:reply.tokens], body.top_logprobs)
+            reply.sent_tokens = reply.tokens
+        content = delta.content + (assistant.footer_of(reply.content, grounding) if grounding and reply.ended else "")
+        if content or logprobs:
+            yield chat_chunk(head, reply.index, ChatDelta(content=content), logprobs=logprobs)
+        if delta.calls:
+            yield chat_chunk(head, reply.index, ChatDelta(tool_calls=tool_deltas(delta.calls)))
+        if reply.ended:
+            yield chat_chunk(head, reply.index, ChatDelta(), finish_reason=reply.finish_reason)
     if body.include_usage:
-        yield ChatCompletionChunk(**head, choices=[], usage=usage_of(gen))
+        yield ChatCompletionChunk(**head, choices=[], usage=usage_of(replies))
 
 
-async def completion_chunks(head: dict, gen: Generation, pieces: Pieces,
+async def completion_chunks(head: dict, replies: list[ChoiceReply], events: Events,
                             include_usage: bool) -> AsyncIterator[Completion]:
-    """A streamed completion: each piece, the finish reason, then the usage if asked."""
-    async for text, _ in pieces:
-        yield text_completion(head, text)
-    yield text_completion(head, "", gen.finish_reason)
+    """A streamed completion: each choice's pieces, its finish reason, then the usage if asked."""
+    async for reply, delta in events:
+        if delta.content:
+            yield text_completion(head, [CompletionChoice(index=reply.index, text=delta.content)])
+        if reply.ended:
+            yield text_completion(head, [CompletionChoice(index=reply.index, text="",
+                                                          finish_reason=reply.finish_reason)])
     if include_usage:
-        yield Completion(**head, choices=[], usage=usage_of(gen))
-
-
-async def with_footer(pieces: Pieces, gen: Generation, grounding: assistant.Grounding) -> Pieces:
-    """The stream's pieces, then the sources footer (known once the reply is complete)."""
-    n = 0
-    async for piece, n in pieces:
-        yield piece, n
-    footer = assistant.footer_of(gen.text, grounding)
-    if footer:
-        yield footer, n
+        yield Completion(**head, choices=[], usage=usage_of(replies))
 
 
 # --------------------------------------------------------------------------- endpoints
-async def submit(request: Request, schema, to_engine):
-    """The path both generating endpoints take: read and check the body, map it to the engine, submit.
-    Returns (state, body, prompt ids, gen, pieces)."""
-    state: ServerState = request.app.state.picochat
-    body = await read_request(request, schema)
-    state.ready()
-    prompt_ids, params = to_engine(state, body)
-    gen, pieces = await run_generation(state, request, prompt_ids, params)
-    return state, body, prompt_ids, gen, pieces
-
-
 async def ground_chat(state: ServerState, body: ChatRequest) -> assistant.Grounding | None:
-    """Retrieval for a chat request, when a knowledge base applies to it (None when none does)."""
+    """Retrieval for a chat request, when a knowledge base applies to it (None when none does, and for a
+    request with tools or an answer shape: those are a program's, not a reader's)."""
+    if body.tools or (body.response_format and body.response_format.type != "text"):
+        return None
     name = state.knowledge.choose(body.kb)
     if name is None:
         return None
@@ -331,19 +301,23 @@ async def chat_completions(request: Request):
     if grounding is not None and grounding.declined:
         return declined_reply(state, body, grounding)
     messages = assistant.grounded_messages(body.message_dicts(), grounding) if grounding else None
-    prompt_ids, params = chat_to_engine(state, body, messages)
-    gen, pieces = await run_generation(state, request, prompt_ids, params)
-    head, retrieval = response_head("chatcmpl", state.model_id), retrieval_of(grounding)
+    call = chat_call(state, body, messages)
+    await grammars_ready(state, call.json_mode or call.tools is not None)
+    prompt_ids, params = prepare(state, call)
+    replies, events = await run_choices(state, request, prompt_ids, params, call.tools)
+    head = response_head("chatcmpl", state.model_id)
     tokenizer = state.engine.tokenizer
     if body.stream:
-        if grounding:
-            pieces = with_footer(pieces, gen, grounding)
-        return streaming_response(chat_chunks(head, gen, pieces, body, tokenizer, retrieval))
-    await finish(pieces)
-    footer = assistant.footer_of(gen.text, grounding) if grounding else ""
-    logprobs = chat_logprobs(tokenizer, gen.logprobs, body.top_logprobs) if body.logprobs else None
-    return json_response(chat_completion(head, gen.text + footer, gen.finish_reason, usage_of(gen), logprobs,
-                                         timings_of(gen), retrieval))
+        return streaming_response(chat_chunks(head, replies, events, body, tokenizer, grounding))
+    await finish(events)
+    choices = []
+    for r in replies:
+        footer = assistant.footer_of(r.content, grounding) if grounding else ""
+        logprobs = chat_logprobs(tokenizer, r.gen.logprobs, body.top_logprobs) if body.logprobs else None
+        choices.append(ChatChoice(index=r.index, message=chat_message(r, footer), logprobs=logprobs,
+                                  finish_reason=r.finish_reason))
+    return json_response(chat_completion(head, choices, usage_of(replies), timings_of(replies[0].gen),
+                                         retrieval_of(grounding)))
 
 
 NO_USAGE = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)   # a reply the model never ran for
@@ -354,34 +328,44 @@ def declined_reply(state: ServerState, body: ChatRequest, grounding: assistant.G
     head, retrieval = response_head("chatcmpl", state.model_id), retrieval_of(grounding)
     if body.stream:
         return streaming_response(declined_chunks(head, grounding.decline_text, retrieval, body.include_usage))
-    return json_response(chat_completion(head, grounding.decline_text, "stop", NO_USAGE, retrieval=retrieval))
+    choice = ChatChoice(index=0, message=ChatMessage(content=grounding.decline_text), finish_reason="stop")
+    return json_response(chat_completion(head, [choice], NO_USAGE, retrieval=retrieval))
 
 
 async def declined_chunks(head: dict, text: str, retrieval: Retrieval,
                           include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
     """The decline streamed as a reply is: the role (and the retrieval), the text, the finish, the usage."""
-    yield chat_chunk(head, ChatDelta(role="assistant", content=""), retrieval=retrieval)
-    yield chat_chunk(head, ChatDelta(content=text))
-    yield chat_chunk(head, ChatDelta(), finish_reason="stop")
+    yield chat_chunk(head, 0, ChatDelta(role="assistant", content=""), retrieval=retrieval)
+    yield chat_chunk(head, 0, ChatDelta(content=text))
+    yield chat_chunk(head, 0, ChatDelta(), finish_reason="stop")
     if include_usage:
         yield ChatCompletionChunk(**head, choices=[], usage=NO_USAGE)
 
 
 async def completions(request: Request):
-    state, body, prompt_ids, gen, pieces = await submit(request, CompletionRequest, completion_to_engine)
+    state: ServerState = request.app.state.picochat
+    body = await read_request(request, CompletionRequest)
+    state.ready()
+    await grammars_ready(state, answer_shape(body)[0])
+    prompt_ids, params = completion_to_engine(state, body)
+    replies, events = await run_choices(state, request, prompt_ids, params)
     head = response_head("cmpl", state.model_id)
     if body.stream:
-        return streaming_response(completion_chunks(head, gen, pieces, body.include_usage))
-    await finish(pieces)
+        return streaming_response(completion_chunks(head, replies, events, body.include_usage))
+    await finish(events)
     tokenizer = state.engine.tokenizer
     prefix = tokenizer.decode(prompt_ids) if body.echo else ""
-    logprobs = None
-    if body.logprobs is not None:
-        scored = (gen.prompt_logprobs if body.echo else []) + gen.logprobs
-        ids = (prompt_ids if body.echo else []) + [lp.token for lp in gen.logprobs]
-        logprobs = completion_logprobs(token_entries(tokenizer, scored, body.logprobs),
-                                       [tokenizer.decode([t]) for t in ids])
-    return json_response(text_completion(head, prefix + gen.text, gen.finish_reason, logprobs, usage_of(gen)))
+    choices = []
+    for r in replies:
+        logprobs = None
+        if body.logprobs is not None:
+            scored = (r.gen.prompt_logprobs if body.echo else []) + r.gen.logprobs
+            ids = (prompt_ids if body.echo else []) + [lp.token for lp in r.gen.logprobs]
+            logprobs = completion_logprobs(token_entries(tokenizer, scored, body.logprobs),
+                                           [tokenizer.decode([t]) for t in ids])
+        choices.append(CompletionChoice(index=r.index, text=prefix + r.content, logprobs=logprobs,
+                                        finish_reason=r.finish_reason))
+    return json_response(text_completion(head, choices, usage_of(replies)))
 
 
 async def embeddings(request: Request):

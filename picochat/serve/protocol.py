@@ -22,11 +22,15 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .tool_protocol import (MAX_CALL_ID_CHARS, MAX_TOOLS, ResponseFormat, ToolCallDeltaOut, ToolCallIn,
+                            ToolCallOut, ToolChoice, ToolDef, omitted_if_none)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024   # the whole request body
-MAX_JSON_DEPTH = 32                # nested objects/arrays (OpenAI's bodies need 4)
+MAX_JSON_DEPTH = 40                # nested objects/arrays (OpenAI's bodies need 4; a tool's schema more)
 MAX_MESSAGES = 2048
+MAX_CHOICES = 8                    # n: choices per request (and at most the server's --parallel)
 MAX_CONTENT_PARTS = 256
 MAX_STOP = 4                       # stop strings, as OpenAI allows
 MAX_STOP_CHARS = 256               # per stop string (they are held back from a stream until ruled out)
@@ -67,7 +71,10 @@ def parse_json(raw: bytes) -> dict:
         raise RequestError(f"request body of {len(raw)} bytes exceeds the limit of {MAX_BODY_BYTES}",
                            code="request_too_large", status=413)
     if json_depth(raw) > MAX_JSON_DEPTH:
-        raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        where = too_deep(raw)
+        raise RequestError(f"'{where}' nests deeper than {MAX_JSON_DEPTH} levels" if where else
+                           f"the request body nests deeper than {MAX_JSON_DEPTH} levels", param=where,
+                           code="invalid_json")
 
     def no_constants(name):
         raise ValueError(f"{name} is not a JSON number")
@@ -88,6 +95,34 @@ def parse_json(raw: bytes) -> dict:
         raise RequestError(f"{where} contains a lone surrogate (\\ud800-\\udfff), which is not text: send valid "
                            f"UTF-16 pairs or the character itself", param=where)
     return body
+
+
+def too_deep(raw: bytes) -> str | None:
+    """The field ("response_format.json_schema.schema") under which a body nests too deeply, when Python
+    can parse it at all (a few hundred levels); the path is cut to the first five names."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    path, level = [], 0
+    while isinstance(value, (dict, list)) and level < MAX_JSON_DEPTH:
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        deepest = max(items, key=lambda kv: _depth_of(kv[1]), default=None)
+        if deepest is None:
+            return None
+        path.append(deepest[0])
+        value, level = deepest[1], level + 1
+    return _param_name(tuple(path[:5])) if path else None
+
+
+def _depth_of(value) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack += [(v, level + 1) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def lone_surrogate(value, path: str = "") -> str | None:
@@ -124,8 +159,18 @@ class StreamOptions(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Any] | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=MAX_TOOLS)] | None = None   # an assistant's calls
+    tool_call_id: Annotated[str, Field(max_length=MAX_CALL_ID_CHARS)] | None = None     # a tool's result is for
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a 'tool' message needs 'tool_call_id': the id of the call it answers")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an 'assistant' message can hold 'tool_calls'")
+        return self
 
     @field_validator("content", mode="plain")
     @classmethod
@@ -155,7 +200,8 @@ class _Sampling(_Strict):
     top_k: Annotated[int, Field(ge=0, le=MAX_TOKENS_BOUND)] = 0
     repetition_penalty: Annotated[Finite, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0
     seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1   # one choice per request
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    response_format: ResponseFormat | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -188,10 +234,23 @@ class ChatRequest(_Sampling):
     # picochat's extension: which knowledge base grounds the reply (a name the server was started with
     # --kb; false: none). Absent: the server's first knowledge base, if it has one.
     kb: Annotated[str, Field(max_length=256)] | bool | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def message_dicts(self) -> list[dict]:
-        """[{role, content}] for the chat template ("developer" is OpenAI's newer name for "system")."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        """[{role, content, ...}] for the chat template ("developer" is OpenAI's newer name for "system"):
+        an assistant's calls as [{id, name, arguments}], a tool result's call id."""
+        out = []
+        for m in self.messages:
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                message["tool_calls"] = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                                         for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            out.append(message)
+        return out
 
 
 class CompletionRequest(_Sampling):
@@ -273,12 +332,7 @@ def _param_name(loc: tuple) -> str:
 
 
 # ----------------------------------------------------------------------------- the responses
-FinishReason = Literal["stop", "length"] | None   # None: a chunk before the last (or a reply whose client left)
-
-
-def omitted_if_none():
-    """A field OpenAI leaves out of the JSON when it has no value (no key at all, rather than null)."""
-    return Field(None, exclude_if=lambda value: value is None)
+FinishReason = Literal["stop", "length", "tool_calls"] | None   # None: a chunk before the last
 
 
 class _Response(BaseModel):
@@ -352,11 +406,12 @@ class CompletionLogprobs(_Response):
 
 class ChatMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None                                        # null when the reply is only tool calls
+    tool_calls: list[ToolCallOut] | None = omitted_if_none()
 
 
 class ChatChoice(_Response):
-    index: int = 0
+    index: int
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
@@ -378,10 +433,11 @@ class ChatDelta(_Response):
     """What a chunk adds to the reply: the role first, then text; nothing in the last chunk."""
     role: Literal["assistant"] | None = omitted_if_none()
     content: str | None = omitted_if_none()
+    tool_calls: list[ToolCallDeltaOut] | None = omitted_if_none()
 
 
 class ChunkChoice(_Response):
-    index: int = 0
+    index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason = None
@@ -399,7 +455,7 @@ class ChatCompletionChunk(_Response):
 
 
 class CompletionChoice(_Response):
-    index: int = 0
+    index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason = None

@@ -1,0 +1,480 @@
+"""Tool calls in a model's reply, found as the text streams: ToolCallParser turns pieces of model text into
+content for the user and OpenAI-shaped tool-call deltas; parse_reply does the same for a whole reply.
+
+Qwen2.5 (the Hermes format) writes a call as `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
+maybe after some text, maybe several in a row. The parser is a small state machine over the text:
+
+  start  the reply so far is whitespace: wait for its first character to tell a bare call from text
+  text   plain text; a trailing piece that could still become `<tool_call>` or `</tool_call>` is held back
+  call   inside the tags: an incremental scan of the JSON object (nesting depth, inside a string, after a
+         backslash) finds the top-level "name" and "arguments" ("parameters" is an alias); the name is sent
+         the moment its string closes and the arguments' characters pass through as they arrive
+  after  after the object's closing brace: skip whitespace, expect `</tool_call>`
+  raw    the JSON broke: collect the text up to `</tool_call>`
+  bare   the reply began with `{`, `[` or a ```json fence: hold everything until finish()
+
+Each character is looked at a bounded number of times (the scanner keeps its state between pieces and
+never re-reads the buffer), so feeding a reply one character at a time costs the same as feeding it whole,
+and any split of the text gives the same joined result as parse_reply.
+
+Choices for the awkward cases:
+  * Bare or fenced JSON (the whole reply is `{"name": str, "arguments"|"parameters": object}`, or a list of
+    them, optionally in a ```json fence; with tool_names given, every name must be one of them) becomes
+    calls at finish(), arguments = json.dumps(value). Anything else that was held is released as content
+    unchanged — through the tag scanner, so a `<tool_call>` later in it is still a call.
+  * tool_names filters only those untagged guesses: a tagged call is a call whatever its name (the caller
+    decides what an unknown tool means).
+  * A tagged call whose JSON breaks before its name is known (`<tool_call>not json</tool_call>`) is
+    released as content: the text between the tags, verbatim, without the tags. Once the name was sent,
+    the call stays as sent and the rest up to `</tool_call>` is skipped.
+  * A reply cut inside a call (max_tokens): a call with a name ends as it is (its arguments may be
+    incomplete JSON; "{}" if they never began); one without a name is dropped — never shown — and its text
+    is recorded in `parser.dropped`.
+  * Whitespace between the start of the reply or a `</tool_call>` and the next `<tool_call>` is dropped, and
+    so is whitespace at the end of a reply that made a call; whitespace inside the tags around the object
+    is not part of anything. A call with no `</tool_call>` ends where its object does; a `</tool_call>`
+    inside one of the object's JSON strings is part of the string.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+ARGUMENT_KEYS = ("arguments", "parameters")
+JSON_SPACE = " \t\r\n"
+VALUE_STARTS = '{["-0123456789tfn'    # what a JSON value can begin with
+FENCE_TAGS = ("", "json")             # ``` or ```json opens a fenced call; ```python is just code
+MAX_FENCE_LINE = 16                   # longer than this, the fence's first line is not "json"
+
+_TAG = re.compile(r"</?tool_call>")
+_STRING_STOP = re.compile(r'["\\]')          # inside a JSON string only a quote or a backslash matters
+_NEST_STOP = re.compile(r'["{}\[\]]')         # outside strings: where strings and nesting begin and end
+_SCALAR_END = re.compile(r"[\s,}\]]")         # a number, true, false or null ends before one of these
+
+
+@dataclass
+class ToolCallDelta:
+    """One OpenAI streaming tool-call delta."""
+    index: int                # which call (0, 1, ...) in this reply
+    id: str | None = None     # sent once, with the name, on the call's first delta
+    name: str | None = None
+    arguments: str = ""       # a fragment of the arguments' JSON text
+
+
+@dataclass
+class ParsedDelta:
+    content: str = ""                                          # plain text for the user
+    calls: list[ToolCallDelta] = field(default_factory=list)
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str            # the arguments' JSON text
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+# ----------------------------------------------------------------------------- scanning JSON a piece at a time
+@dataclass
+class _Value:
+    """Where a scan of one JSON value stands: enough to find its end without parsing it."""
+    depth: int = 0            # open braces and brackets
+    in_string: bool = False
+    escape: bool = False      # the last character was a backslash inside a string
+    scalar: bool = False      # a number, true, false or null: ends at the first delimiter
+
+    @classmethod
+    def starting(cls, ch: str) -> _Value:
+        """The scan after the value's first character ch (one of VALUE_STARTS)."""
+        if ch in "{[":
+            return cls(depth=1)
+        return cls(in_string=True) if ch == '"' else cls(scalar=True)
+
+    def scan(self, s: str, i: int) -> int | None:
+        """Go on over s from i: the index just past the value's end, or None if it goes on past s."""
+        while i < len(s):
+            if self.escape:   # the escaped character, whatever it is, is part of the string
+                self.escape, i = False, i + 1
+            elif self.in_string:
+                m = _STRING_STOP.search(s, i)
+                if m is None:
+                    return None
+                i = m.end()
+                if m.group() == "\\":
+                    self.escape = True
+                else:
+                    self.in_string = False
+                    if self.depth == 0:
+                        return i
+            elif self.scalar:
+                m = _SCALAR_END.search(s, i)
+                return None if m is None else m.start()
+            else:
+                m = _NEST_STOP.search(s, i)
+                if m is None:
+                    return None
+                i, ch = m.end(), m.group()
+                if ch == '"':
+                    self.in_string = True
+                elif ch in "{[":
+                    self.depth += 1
+                else:
+                    self.depth -= 1
+                    if self.depth == 0:
+                        return i
+        return None
+
+
+@dataclass
+class _Call:
+    """One tagged call being read."""
+    step: str = "open"        # open key key_text colon value name_text args skip comma
+    key: str = ""             # the top-level key whose value comes next
+    name: str | None = None   # known (and sent) once its string closed
+    index: int = -1
+    has_args: bool = False
+    value: _Value = field(default_factory=_Value)
+    piece: list[str] = field(default_factory=list)      # a key's or the name's JSON string text so far
+    args_held: list[str] = field(default_factory=list)  # arguments written before the name: sent with it
+    raw: list[str] = field(default_factory=list)        # the text inside the tags, while there is no name
+
+
+def _partial_tag(text: str) -> int:
+    """How many characters at the end of text could be the start of a tag (held back until known)."""
+    if "<" not in text[-len(CLOSE):]:
+        return 0
+    for k in range(min(len(text), len(CLOSE) - 1), 0, -1):
+        tail = text[-k:]
+        if OPEN.startswith(tail) or CLOSE.startswith(tail):
+            return k
+    return 0
+
+
+def _looks_bare(head: str) -> bool | None:
+    """Whether a reply beginning with head (no leading whitespace) is held as a possible bare call; None:
+    not known yet. A verdict never changes as head grows, so every split of the text decides the same."""
+    if not head:
+        return None
+    if head[0] in "{[":
+        return True
+    if not head.startswith("```"):
+        return None if "```".startswith(head) else False
+    line, newline, rest = head[3:].partition("\n")
+    tag = line.strip().lower()
+    if len(line) >= MAX_FENCE_LINE:
+        return False
+    if not newline:
+        return None if "json".startswith(tag) else False
+    if tag not in FENCE_TAGS:
+        return False
+    rest = rest.lstrip()
+    return rest[0] in "{[" if rest else None
+
+
+def _bare_calls(text: str, tool_names: set[str] | None) -> list[tuple[str, str]] | None:
+    """(name, arguments JSON) for each call if the whole text is a bare or fenced call or list of calls."""
+    body = text.strip()
+    if body.startswith("```"):
+        if len(body) < 6 or not body.endswith("```"):
+            return None
+        line, _, body = body[3:-3].partition("\n")
+        if line.strip().lower() not in FENCE_TAGS:
+            return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not set(item) <= {"name", *ARGUMENT_KEYS}:
+            return None
+        name, arguments = item.get("name"), item.get("arguments", item.get("parameters"))
+        if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+            return None
+        if tool_names is not None and name not in tool_names:
+            return None
+        calls.append((name, json.dumps(arguments, ensure_ascii=False)))
+    return calls or None
+
+
+# ----------------------------------------------------------------------------- the parser
+class ToolCallParser:
+    """Feed it the model's text as it comes; each feed() returns what can be shown now, finish() the rest."""
+
+    def __init__(self, tool_names: set[str] | None = None, make_id: Callable[[], str] = new_call_id):
+        self.tool_names = tool_names
+        self.make_id = make_id
+        self.dropped: list[str] = []   # the text of calls cut off before their name (see the module's notes)
+        self._mode = "start"
+        self._held = ""                # start: the reply so far; text, after, raw: a possible partial tag
+        self._gap = ""                 # whitespace that is dropped if a call follows it
+        self._gap_droppable = True     # at the start of the reply and after a call
+        self._bare: list[str] = []
+        self._call = _Call()
+        self._count = 0                # calls named so far: the next call's index
+        self._out = ParsedDelta()
+        self._handlers = {"start": self._in_start, "text": self._in_text, "call": self._in_call,
+                          "after": self._in_after, "raw": self._in_raw, "bare": self._in_bare}
+
+    def feed(self, text: str) -> ParsedDelta:
+        """The next piece of model text, any size: what of it (and of what was held) can be sent now."""
+        if self._mode == "done":
+            raise RuntimeError("ToolCallParser.feed() after finish()")
+        self._out = ParsedDelta()
+        self._run(text)
+        return self._out
+
+    def finish(self) -> ParsedDelta:
+        """The end of the reply: release or convert what was held back."""
+        if self._mode == "done":
+            raise RuntimeError("ToolCallParser.finish() called twice")
+        self._out = ParsedDelta()
+        if self._mode == "start":
+            self._mode, held, self._held = "text", self._held, ""
+            self._run(held)
+        if self._mode == "bare":
+            self._finish_bare()
+        if self._mode == "text":
+            self._content(self._held)
+            if not (self._gap_droppable and self._count):
+                self._out.content += self._gap   # a whitespace-only reply without calls: it is the content
+        elif self._mode in ("call", "raw"):
+            self._finish_call()
+        self._mode = "done"
+        return self._out
+
+    def _run(self, s: str):
+        # each handler takes what it can from s and returns the rest, for the mode it switched to
+        while s:
+            s = self._handlers[self._mode](s)
+
+    # -- emitting
+    def _content(self, text: str):
+        if text:
+            self._out.content += self._gap + text
+            self._gap, self._gap_droppable = "", False
+
+    def _delta(self, arguments: str = "", name: str | None = None, call_id: str | None = None):
+        calls, index = self._out.calls, self._call.index
+        if call_id is None and calls and calls[-1].index == index:
+            calls[-1].arguments += arguments    # one delta per call per feed()
+        else:
+            calls.append(ToolCallDelta(index, call_id, name, arguments))
+
+    # -- start, bare and text
+    def _in_start(self, s: str) -> str:
+        self._held += s
+        verdict = _looks_bare(self._held.lstrip())
+        if verdict is None:
+            return ""
+        held, self._held = self._held, ""
+        if verdict:
+            self._mode, self._bare = "bare", [held]
+            return ""
+        self._mode = "text"
+        return held
+
+    def _in_bare(self, s: str) -> str:
+        self._bare.append(s)
+        return ""
+
+    def _finish_bare(self):
+        text = "".join(self._bare)
+        calls = _bare_calls(text, self.tool_names)
+        if calls is None:
+            self._mode = "text"      # released as written, but a tagged call inside is still a call
+            self._run(text)
+            return
+        for name, arguments in calls:
+            self._out.calls.append(ToolCallDelta(self._count, self.make_id(), name, arguments))
+            self._count += 1
+        self._mode = "after"
+
+    def _in_text(self, s: str) -> str:
+        if self._gap_droppable and not self._held:
+            rest = s.lstrip()
+            self._gap += s[:len(s) - len(rest)]
+            s = rest
+        buf, self._held = self._held + s, ""
+        m = _TAG.search(buf)
+        if m is None:
+            keep = len(buf) - _partial_tag(buf)
+            self._content(buf[:keep])
+            self._held = buf[keep:]
+            return ""
+        if m.group() == OPEN:
+            if m.start() == 0 and self._gap_droppable:
+                self._gap = ""       # only whitespace between the start or the last call and this one
+            self._content(buf[:m.start()])
+            self._mode, self._call = "call", _Call()
+        else:
+            self._content(buf[:m.start()])   # a stray closing tag is dropped
+        return buf[m.end():]
+
+    # -- inside the tags
+    def _in_call(self, s: str) -> str:
+        i = 0
+        while i < len(s) and self._mode == "call":
+            i = self._step(s, i)
+        if self._call.name is None:
+            self._call.raw.append(s[:i])
+        return s[i:]
+
+    def _step(self, s: str, i: int) -> int:
+        """Go on reading the object from s[i]: the index of the first character not used yet."""
+        c = self._call
+        if c.step in ("key_text", "name_text", "args", "skip"):
+            return self._step_value(s, i)
+        ch = s[i]
+        if ch in JSON_SPACE:
+            return i + 1
+        if c.step == "open" and ch == "{":
+            c.step = "key"
+        elif c.step == "key" and ch == '"':
+            c.step, c.value, c.piece = "key_text", _Value(in_string=True), ['"']
+        elif c.step in ("key", "comma") and ch == "}":
+            self._end_object()
+        elif c.step == "comma" and ch == ",":
+            c.step = "key"
+        elif c.step == "colon" and ch == ":":
+            c.step = "value"
+        elif c.step == "value" and ch in VALUE_STARTS:
+            self._begin_value(ch)
+        else:
+            self._mode = "raw"     # the model broke the format; ch is the first character of the raw rest
+            return i
+        return i + 1
+
+    def _begin_value(self, ch: str):
+        c = self._call
+        c.value = _Value.starting(ch)
+        if c.key == "name" and c.name is None:
+            if ch != '"':
+                self._mode = "raw"
+                return
+            c.step, c.piece = "name_text", ['"']
+        elif c.key in ARGUMENT_KEYS and not c.has_args:
+            c.step, c.has_args = "args", True
+            self._arguments(ch)
+        else:
+            c.step = "skip"        # another key, or a repeated one: its value is not ours
+
+    def _step_value(self, s: str, i: int) -> int:
+        c = self._call
+        end = c.value.scan(s, i)
+        stop = len(s) if end is None else end
+        if c.step == "args":
+            self._arguments(s[i:stop])
+        elif c.step != "skip":
+            c.piece.append(s[i:stop])
+        if end is None:
+            return stop
+        if c.step in ("key_text", "name_text"):
+            self._end_string()
+        else:
+            c.step = "comma"
+        return end
+
+    def _end_string(self):
+        """A key or the name's JSON string closed: decode it (json.loads on this small piece only)."""
+        c = self._call
+        try:
+            text = json.loads("".join(c.piece))
+        except ValueError:
+            self._mode = "raw"
+            return
+        if c.step == "key_text":
+            c.key, c.step = text, "colon"
+        elif not text:
+            self._mode = "raw"     # an empty name is no call
+        else:
+            c.name, c.index, c.step = text, self._count, "comma"
+            self._count += 1
+            self._delta("".join(c.args_held), text, self.make_id())
+
+    def _arguments(self, text: str):
+        if text:
+            if self._call.name is None:
+                self._call.args_held.append(text)
+            else:
+                self._delta(text)
+
+    def _end_object(self):
+        c = self._call
+        if c.name is None:
+            self._mode = "raw"     # no name: the text between the tags is content after all
+            return
+        if not c.has_args:
+            self._delta("{}")
+        self._mode = "after"
+
+    def _in_after(self, s: str) -> str:
+        buf, self._held = self._held + s, ""
+        rest = buf.lstrip()
+        self._mode, self._gap_droppable = "text", True
+        if rest.startswith(CLOSE):
+            return rest[len(CLOSE):]
+        if CLOSE.startswith(rest):   # whitespace, maybe the start of the tag: wait for the rest
+            self._mode, self._held = "after", buf
+            return ""
+        return buf   # no closing tag: the model went on writing (the whitespace is a gap, as after a call)
+
+    def _in_raw(self, s: str) -> str:
+        buf, self._held = self._held + s, ""
+        m = _TAG.search(buf)
+        if m is None:
+            keep = len(buf) - _partial_tag(buf)
+            self._call.raw.append(buf[:keep])
+            self._held = buf[keep:]
+            return ""
+        c = self._call
+        c.raw.append(buf[:m.start()])
+        self._mode = "text"
+        if c.name is None:
+            self._content("".join(c.raw))   # no call after all: the text between the tags, as written
+        else:
+            if not c.has_args:
+                self._delta("{}")
+            self._gap_droppable = True
+        if m.group() == OPEN:
+            self._mode, self._call = "call", _Call()   # a new call began before this one closed
+        return buf[m.end():]
+
+    def _finish_call(self):
+        """The reply ended inside a call (cut by max_tokens, or no closing tag)."""
+        c = self._call
+        if c.name is None:
+            self.dropped.append("".join(c.raw) + self._held)
+        elif not c.has_args:
+            self._delta("{}")
+
+
+def parse_reply(text: str, tool_names: set[str] | None = None,
+                make_id: Callable[[], str] = new_call_id) -> tuple[str, list[ToolCall]]:
+    """feed(text) + finish(), concatenated: (content, calls) — the non-streamed reply."""
+    parser = ToolCallParser(tool_names, make_id)
+    return join_deltas([parser.feed(text), parser.finish()])
+
+
+def join_deltas(deltas: list[ParsedDelta]) -> tuple[str, list[ToolCall]]:
+    """What a client gets by concatenating a stream's deltas (content joined, each call's id/name once,
+    arguments joined by index)."""
+    heads: dict[int, list[str]] = {}       # index -> [id, name]
+    arguments: dict[int, list[str]] = {}   # fragments joined once at the end (+= would be quadratic)
+    for delta in deltas:
+        for call in delta.calls:
+            head = heads.setdefault(call.index, ["", ""])
+            head[0] = call.id or head[0]
+            head[1] = call.name or head[1]
+            arguments.setdefault(call.index, []).append(call.arguments)
+    calls = [ToolCall(heads[i][0], heads[i][1], "".join(arguments[i])) for i in sorted(heads)]
+    return "".join(d.content for d in deltas), calls
