@@ -8,7 +8,10 @@ and "required" (a call from the first token) — through the same prompt and gra
 
 A prompt counts as right when the reply's calls are exactly the expected ones (function names in order) and
 each expected argument is there with the expected value (strings compared case-insensitively; arguments
-the prompt does not fix may be anything). Greedy decoding, so a run is reproducible.
+the prompt does not fix may be anything); "first calls right" only asks it of as many calls as expected
+(a model that repeats a right call is right there, wrong in the first column). Greedy decoding, so a run is
+reproducible. Rows: tool_choice auto and required with parallel calls allowed (the API's default), and
+required with parallel_tool_calls false.
 """
 from __future__ import annotations
 
@@ -71,6 +74,13 @@ def matches(expected, got) -> bool:
 def correct(calls, want) -> bool:
     if [c.name for c in calls] != [name for name, _ in want]:
         return False
+    return first_correct(calls, want)
+
+
+def first_correct(calls, want) -> bool:
+    """The first len(want) calls are the expected ones (what follows them is not looked at)."""
+    if [c.name for c in calls[:len(want)]] != [name for name, _ in want]:
+        return False
     for call, (_, args) in zip(calls, want):
         try:
             got = json.loads(call.arguments)
@@ -81,27 +91,29 @@ def correct(calls, want) -> bool:
     return True
 
 
-def score(engine, choice: str) -> dict:
-    """Right calls, replies with any call, and seconds, over CASES under one tool_choice."""
+def score(engine, choice: str, parallel: bool = True) -> dict:
+    """Right calls, right first calls, replies with any call, and seconds, over CASES under one tool_choice."""
     from picochat.engine.sampling import SamplingParams
     from picochat.engine.tool_parser import parse_reply
     from picochat.engine.tools import Tool, ToolUse, chat_messages, output_grammar, template_has_tools
-    use = ToolUse([Tool(**t) for t in TOOLS], choice)
-    grammar, trigger = output_grammar(engine.grammars, use)
+    use = ToolUse([Tool(**t) for t in TOOLS], choice, parallel)
+    grammar, triggers = output_grammar(engine.grammars, use)
     native = template_has_tools(engine.tokenizer)
-    right = called = 0
+    right = first = called = 0
     start = time.perf_counter()
     for prompt, want in CASES:
         messages, kwargs = chat_messages([{"role": "user", "content": prompt}], use, native)
         ids = engine.tokenizer.encode_chat(messages, **kwargs)
         gen = engine.complete(ids, SamplingParams(max_new_tokens=160, temperature=0, grammar=grammar,
-                                                  grammar_trigger=trigger))
+                                                  grammar_triggers=triggers))
         _, calls = parse_reply(gen.text, {t["name"] for t in TOOLS})
         called += bool(calls)
         ok = correct(calls, want)
         right += ok
+        first += first_correct(calls, want)
         log(f"  [{choice}] {'ok ' if ok else 'BAD'} {prompt[:50]!r} -> {[(c.name, c.arguments) for c in calls]}")
-    return {"right": right, "called": called, "cases": len(CASES), "seconds": time.perf_counter() - start}
+    return {"right": right, "first": first, "called": called, "cases": len(CASES),
+            "seconds": time.perf_counter() - start}
 
 
 def main():
@@ -119,14 +131,16 @@ def main():
         loaded = load(name)
         engine = Engine(loaded.model, loaded.tokenizer, draft=loaded.draft)
         native = "own template" if "tools" in (loaded.tokenizer.chat_template or "") else "system message"
-        for choice in ("auto", "required"):
-            log(f"{name}, tool_choice {choice}")
-            r = score(engine, choice)
-            record[f"{name}/{choice}"] = r
-            rows.append(f"| {name} | {native} | {choice} | {r['right']}/{r['cases']} ({100 * r['right'] / r['cases']:.0f} %) "
-                        f"| {r['called']}/{r['cases']} | {r['seconds']:.0f} s |")
-    table = "\n".join(["| model | tools shown in | tool_choice | right calls | replies with a call | time |",
-                       "|---|---|---|---|---|---|", *rows])
+        for choice, parallel in (("auto", True), ("required", True), ("required", False)):
+            label = choice if parallel else f"{choice}, parallel_tool_calls false"
+            log(f"{name}, tool_choice {label}")
+            r = score(engine, choice, parallel)
+            record[f"{name}/{label}"] = r
+            n = r["cases"]
+            rows.append(f"| {name} | {native} | {label} | {r['right']}/{n} ({100 * r['right'] / n:.0f} %) "
+                        f"| {r['first']}/{n} | {r['called']}/{n} | {r['seconds']:.0f} s |")
+    table = "\n".join(["| model | tools shown in | tool_choice | right calls | first calls right | replies with a call "
+                       "| time |", "|---|---|---|---|---|---|---|", *rows])
     finish_report(table, time.perf_counter() - t0, args.json, record)
 
 

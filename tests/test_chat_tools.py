@@ -14,7 +14,7 @@ from picochat.cli import chat as chat_cli
 from picochat.engine.sampling import SamplingParams
 from picochat.engine.session import ChatSession
 from picochat.engine.tool_parser import ToolCall
-from picochat.engine.tools import ToolUse
+from picochat.engine.tools import Tool, ToolUse
 from picochat.sandbox import SandboxUnavailable
 
 # text for the tiny tokenizers: the tool schemas among it keeps the prompt that shows them short
@@ -119,12 +119,18 @@ def engine():
     return tiny_tool_engine(TEXT, max_seq_len=2048)
 
 
+# the calculator with short expressions: a random model's call ends within a few tokens
+SHORT_CALCULATOR = Tool("calculator", CALCULATOR.description, {
+    "type": "object", "properties": {"expression": {"type": "string", "maxLength": 6}}, "required": ["expression"]})
+
+
 def test_session_runs_a_forced_call_and_resumes_on_its_cached_prefix(engine):
-    chat = ChatSession(engine, tools=ToolUse([CALCULATOR], choice="function", function="calculator"))
+    chat = ChatSession(engine, tools=ToolUse([SHORT_CALCULATOR], choice="function", function="calculator"))
     params = SamplingParams(temperature=0, max_new_tokens=300)
     first = chat.ask("What is 2+2?", params)
     list(first)
-    assert first.text.startswith('<tool_call>\n{"name": "calculator", "arguments": {"expression": "')
+    call_json = '{"name": "calculator", "arguments": {"expression": "'
+    assert first.text.startswith(("<tool_call>\n" + call_json, "```json\n" + call_json))   # either opening
     calls = chat.record(first)
     assert [c.name for c in calls] == ["calculator"]
     assert chat.messages[-1]["tool_calls"] == [{"id": calls[0].id, "name": "calculator",
@@ -134,8 +140,10 @@ def test_session_runs_a_forced_call_and_resumes_on_its_cached_prefix(engine):
     chat.add_tool_results([(calls[0], result)])
     second = chat.resume(params)
     list(second)
-    reused = first.prompt_ids + first.token_ids
-    assert second.prompt_ids[:len(reused)] == reused          # the call's own tokens, not a fresh rendering
+    # the conversation so far comes from the cache: with the tags, the call's own tokens too (a fenced call
+    # is rendered back in the template's tags, so the cache serves up to the reply)
+    reused = first.prompt_ids + first.token_ids if first.text.startswith("<tool_call>") else first.prompt_ids
+    assert second.prompt_ids[:len(reused)] == reused
     assert second.stats.cached_tokens >= len(reused) - 1
     rendered = engine.tokenizer.decode(second.prompt_ids)
     assert f"<tool_response>\n{result}\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in rendered
@@ -161,12 +169,25 @@ def test_session_without_tools_renders_as_before(engine):
 def test_tool_turn_stops_a_model_that_keeps_calling(engine, monkeypatch, capsys):
     # a session that forces a call in every reply, not just the first: the loop must end by itself
     monkeypatch.setattr(ChatSession, "resume", lambda self, params: self._generate(params, "function"))
-    chat = ChatSession(engine, tools=ToolUse([CALCULATOR], choice="function", function="calculator"))
+    chat = ChatSession(engine, tools=ToolUse([SHORT_CALCULATOR], choice="function", function="calculator"))
     chat_cli.tool_turn(chat, "What is 2+2?", SamplingParams(temperature=0, max_new_tokens=60), verbose=True)
     out, err = capsys.readouterr()
     assert err.count("[tool] calculator(") == chat_cli.MAX_TOOL_ROUNDS
     assert f"still calling tools after {chat_cli.MAX_TOOL_ROUNDS} rounds" in out
     assert sum(m["role"] == "tool" for m in chat.messages) == chat_cli.MAX_TOOL_ROUNDS
+
+
+def test_tool_turn_ends_when_the_model_repeats_an_answered_call(engine, monkeypatch, capsys):
+    """A small model that asks again for what it was just told (Qwen2.5-Coder-1.5B does) is shown the
+    answer it has instead of looping: the same call is not run twice in a turn."""
+    only_2_plus_2 = Tool("calculator", "", {"type": "object", "properties": {"expression": {"enum": ["2+2"]}},
+                                            "required": ["expression"]})
+    monkeypatch.setattr(ChatSession, "resume", lambda self, params: self._generate(params, "function"))
+    chat = ChatSession(engine, tools=ToolUse([only_2_plus_2], choice="function", function="calculator"))
+    chat_cli.tool_turn(chat, "What is 2+2?", SamplingParams(temperature=0, max_new_tokens=60), verbose=True)
+    out, err = capsys.readouterr()
+    assert err.count("[tool] calculator(") == 1 and "[calculator answered: 4]" in out
+    assert sum(m["role"] == "tool" for m in chat.messages) == 1
 
 
 # ----------------------------------------------------------------------------- the CLI

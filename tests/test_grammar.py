@@ -163,8 +163,8 @@ def test_grammar_survives_prefix_cache_reuse(engine):
     """The second request reuses the first one's row (the same prompt); its grammar starts afresh."""
     grammar = engine.grammars.json_schema(SCHEMAS["flat enum and range"])
     ids = prompt(engine)
-    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=3, grammar=grammar)
-    first, second = run_batch(engine, [(ids, params)]), None
+    params = SamplingParams(max_new_tokens=40, temperature=0, grammar=grammar)
+    first = run_batch(engine, [(ids, params)])
     batcher = Batcher(engine, max_batch=2, start=False)
     handles = [batcher.submit(ids, params, lambda g, p: None)]
     batcher.run(until_idle=True)
@@ -189,14 +189,14 @@ def test_speculative_decoding_keeps_the_grammar(engine):
 
 
 def test_a_grammar_started_by_its_trigger(engine):
-    """grammar_trigger: free text until the output holds the trigger, then the grammar from there."""
+    """grammar_triggers: free text until the output holds a trigger, then the grammar from there."""
     ids = prompt(engine)
     free = engine.complete(ids, SamplingParams(max_new_tokens=6, temperature=0))
     trigger = engine.tokenizer.decode(free.token_ids[:2])
     grammar = engine.grammars.lark('start: "XYZ"')
     gen = engine.complete(ids, SamplingParams(max_new_tokens=20, temperature=0, grammar=grammar,
-                                              grammar_trigger=trigger))
+                                              grammar_triggers=(trigger,)))
     assert gen.text == trigger + "XYZ" and gen.finish_reason == "stop"
     never = engine.complete(ids, SamplingParams(max_new_tokens=6, temperature=0, grammar=grammar,
-                                                grammar_trigger="\u2603never"))
+                                                grammar_triggers=("\u2603never",)))
     assert never.token_ids == free.token_ids and never.grammar is None

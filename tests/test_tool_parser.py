@@ -15,6 +15,7 @@ from picochat.engine.tool_parser import (
     OPEN,
     ParsedDelta,
     ToolCall,
+    ToolCallDelta,
     ToolCallParser,
     join_deltas,
     new_call_id,
@@ -76,17 +77,18 @@ def ids():
     return lambda: f"call_{next(counter)}"
 
 
-def stream(text: str, cuts, tool_names=None) -> tuple[list[ParsedDelta], ToolCallParser]:
-    parser = ToolCallParser(tool_names, make_id=ids())
+def stream(text: str, cuts, tool_names=None, fenced_calls=False) -> tuple[list[ParsedDelta], ToolCallParser]:
+    parser = ToolCallParser(tool_names, make_id=ids(), fenced_calls=fenced_calls)
     bounds = [0, *sorted(cuts), len(text)]
     deltas = [parser.feed(text[a:b]) for a, b in itertools.pairwise(bounds)]
     return deltas + [parser.finish()], parser
 
 
-def check_stream(text: str, cuts, tool_names=None):
+def check_stream(text: str, cuts, tool_names=None, fenced_calls=False):
     """The stream cut at `cuts` joins to parse_reply, in OpenAI's delta shape, with no tag in its content."""
-    deltas, _ = stream(text, cuts, tool_names)
-    assert join_deltas(deltas) == parse_reply(text, tool_names, make_id=ids()), (text, cuts)
+    deltas, _ = stream(text, cuts, tool_names, fenced_calls)
+    whole = parse_reply(text, tool_names, make_id=ids(), fenced_calls=fenced_calls)
+    assert join_deltas(deltas) == whole, (text, cuts)
     seen = set()
     for call in (c for d in deltas for c in d.calls):
         if call.index in seen:
@@ -109,16 +111,20 @@ def test_parse_reply_gives_the_expected_content_and_calls(text, content, calls):
             json.loads(call.arguments)
 
 
-@pytest.mark.parametrize("text", [case[0] for case in CASES])
-def test_every_split_and_every_pair_of_splits_streams_the_same(text):
+def check_every_split(text: str, fenced_calls=False):
     n = len(text)
-    check_stream(text, range(1, n))                      # one character at a time
+    check_stream(text, range(1, n), fenced_calls=fenced_calls)      # one character at a time
     for cut in range(n + 1):
-        check_stream(text, [cut])
+        check_stream(text, [cut], fenced_calls=fenced_calls)
     step = 1 if n <= 90 else 3                           # every pair for short texts, every third for long
     for a in range(0, n + 1, step):
         for b in range(a, n + 1, step):
-            check_stream(text, [a, b])
+            check_stream(text, [a, b], fenced_calls=fenced_calls)
+
+
+@pytest.mark.parametrize("text", [case[0] for case in CASES])
+def test_every_split_and_every_pair_of_splits_streams_the_same(text):
+    check_every_split(text)
 
 
 CUT_OFF = ('"na', '"nam', '"Par')   # replies that end inside a call would swallow what is joined after them
@@ -238,4 +244,131 @@ def test_feeding_200_kb_one_character_at_a_time_is_linear(text):
     elapsed = time.perf_counter() - start
     content, calls = join_deltas(deltas)
     assert len(content) + sum(len(c.arguments) for c in calls) >= 190_000
+    assert elapsed < 4.0, f"{elapsed:.2f} s for {len(text)} characters: quadratic?"
+
+
+# ----------------------------------------------------------------------------- fenced call blocks (fenced_calls=True)
+FENCE = "```json\n"
+F_ONE = FENCE + WEATHER + "\n```"
+SEARCH = '{"name": "search", "arguments": {"q": "rain"}}'
+PARIS = ("get_weather", '{"city": "Paris"}')
+
+
+def as_text(reply):
+    """What a reply parses to when none of it is a call."""
+    return reply, []
+
+
+# (reply, content and calls with fenced_calls=True, content and calls without: what the code gave before the option)
+FENCED_CASES = [
+    (F_ONE, ("", [PARIS]), ("", [PARIS])),
+    (FENCE + f"[{WEATHER}, {SEARCH}]\n```", ("", [PARIS, ("search", '{"q": "rain"}')]),
+     ("", [PARIS, ("search", '{"q": "rain"}')])),
+    (FENCE + '{"name": "now", "arguments": {}}\n```', ("", [("now", "{}")]), ("", [("now", "{}")])),
+    (FENCE + '[{"name": "now", "arguments": {}}, {"name": "f", "arguments": {"a": 1}}]\n```',
+     ("", [("now", "{}"), ("f", '{"a": 1}')]), ("", [("now", "{}"), ("f", '{"a": 1}')])),
+    (F_ONE + "\n\nIt is sunny.", ("It is sunny.", [PARIS]), as_text(F_ONE + "\n\nIt is sunny.")),
+    ("\n  " + F_ONE, ("", [PARIS]), ("", [PARIS])),
+    (FENCE + '{"arguments": {"a": [1, 2]}, "name": "f"}\n```', ("", [("f", '{"a": [1, 2]}')]),
+     ("", [("f", '{"a": [1, 2]}')])),
+    (FENCE + '{"name": "get_weather", "arguments": {"city": "Pa', ("", [("get_weather", '{"city": "Pa')]),
+     as_text(FENCE + '{"name": "get_weather", "arguments": {"city": "Pa')),
+    (FENCE + '{"answer": 42}\n```', as_text(FENCE + '{"answer": 42}\n```'), as_text(FENCE + '{"answer": 42}\n```')),
+    (FENCE + "not json\n```\nok", as_text(FENCE + "not json\n```\nok"), as_text(FENCE + "not json\n```\nok")),
+    (FENCE + "[]\n```", as_text(FENCE + "[]\n```"), as_text(FENCE + "[]\n```")),
+    (FENCE + '{"name": 1}\n```', as_text(FENCE + '{"name": 1}\n```'), as_text(FENCE + '{"name": 1}\n```')),
+    ("```python\nprint(1)\n```", as_text("```python\nprint(1)\n```"), as_text("```python\nprint(1)\n```")),
+    (FENCE + '{"name": "now"}\n```', ("", [("now", "{}")]), as_text(FENCE + '{"name": "now"}\n```')),
+    (FENCE + '{"name": "f", "parameters": {"a": 1}}\n```', ("", [("f", '{"a": 1}')]), ("", [("f", '{"a": 1}')])),
+    (FENCE + WEATHER, ("", [PARIS]), as_text(FENCE + WEATHER)),
+    (FENCE + '{"name": "f", "arguments": {"a": 1}, oops}\n```Done', ("Done", [("f", '{"a": 1}')]),
+     as_text(FENCE + '{"name": "f", "arguments": {"a": 1}, oops}\n```Done')),
+    (FENCE + '{"name": "f", oops}\n``` ok', ("ok", [("f", "{}")]), as_text(FENCE + '{"name": "f", oops}\n``` ok')),
+    (F_ONE + "\n" + CALL, ("", [PARIS, PARIS]), (F_ONE + "\n", [PARIS])),
+    (FENCE + f'[{WEATHER}, {{"oops": 1}}]\n```ok', ("ok", [PARIS]), as_text(FENCE + f'[{WEATHER}, {{"oops": 1}}]\n```ok')),
+    (FENCE + WEATHER + " extra\n```", (" extra\n```", [PARIS]), as_text(FENCE + WEATHER + " extra\n```")),
+    (FENCE + f"[{WEATHER} {WEATHER}]```\n<tool_call>", ("", [PARIS]),
+     (FENCE + f"[{WEATHER} {WEATHER}]```\n", [])),
+    (FENCE, ("", []), as_text(FENCE)),
+    (FENCE + '{"nam', ("", []), as_text(FENCE + '{"nam')),
+    ("``` json\n" + WEATHER + "\n```", ("", [PARIS]), ("", [PARIS])),
+    ("```JSON\n" + WEATHER + "\n```", ("", [PARIS]), ("", [PARIS])),
+    ("```json{" + WEATHER[1:], as_text("```json{" + WEATHER[1:]), as_text("```json{" + WEATHER[1:])),
+    ("```js", as_text("```js"), as_text("```js")),
+    ("`", as_text("`"), as_text("`")),
+]
+
+
+def parsed(text, fenced_calls):
+    content, calls = parse_reply(text, make_id=ids(), fenced_calls=fenced_calls)
+    assert [c.id for c in calls] == [f"call_{i}" for i in range(len(calls))]
+    return content, [(c.name, c.arguments) for c in calls]
+
+
+@pytest.mark.parametrize("text, fenced, plain", FENCED_CASES)
+def test_fenced_calls_parse_as_calls_only_with_the_option(text, fenced, plain):
+    assert parsed(text, fenced_calls=True) == fenced
+    assert parsed(text, fenced_calls=False) == plain
+
+
+@pytest.mark.parametrize("text", [case[0] for case in FENCED_CASES])
+def test_every_split_of_a_fenced_reply_streams_the_same(text):
+    check_every_split(text, fenced_calls=True)
+
+
+FENCED_LONG = ("\n" + FENCE + f'[{{"arguments": {TRICKY_ARGS}, "name": "search"}}, {WEATHER}, '
+               + '{"name": "now", "arguments": {}}]\n```\n\n' + LONG)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, len(FENCED_LONG)), max_size=40), st.sampled_from([FENCED_LONG, FENCED_LIST, LONG]))
+def test_random_chunkings_of_long_fenced_replies_stream_the_same(cuts, text):
+    check_stream(text, [c for c in cuts if c <= len(text)], fenced_calls=True)
+
+
+def test_a_fenced_call_is_sent_before_its_block_closes():
+    parser = ToolCallParser(make_id=ids(), fenced_calls=True)
+    assert parser.feed("```js") == ParsedDelta()          # a prefix of the fence: held
+    assert parser.feed("on\n") == ParsedDelta()
+    first = parser.feed('[{"name": "get_weather"').calls
+    assert [(c.index, c.id, c.name, c.arguments) for c in first] == [(0, "call_0", "get_weather", "")]
+    assert parser.feed(', "arguments": {"ci').calls == [ToolCallDelta(0, None, None, '{"ci')]
+    later = parser.feed('ty": "Paris"}}, {"name": "now", "arguments": {}}]\n``').calls
+    assert [(c.index, c.id, c.name, c.arguments) for c in later] == [(0, None, None, 'ty": "Paris"}'),
+                                                                      (1, "call_1", "now", "{}")]
+    assert parser.feed("`\n Done.") == ParsedDelta("Done.")
+    assert parser.finish() == ParsedDelta()
+
+
+def test_a_fence_that_is_not_json_streams_as_before():
+    parser = ToolCallParser(fenced_calls=True)
+    assert parser.feed("``").content == ""
+    assert parser.feed("`python\nprint(").content == "```python\nprint("
+
+
+def test_a_fenced_block_cut_before_a_name_is_dropped_and_recorded():
+    for text, dropped in [(FENCE + '{"arguments": {"a": 1}, "na', ['{"arguments": {"a": 1}, "na']),
+                          (FENCE + "[ ", ["[ "]), (FENCE + f'[{WEATHER}, {{"na', ['{"na'])]:
+        deltas, parser = stream(text, [len(text) // 2], fenced_calls=True)
+        assert join_deltas(deltas)[0] == "" and parser.dropped == dropped
+
+
+def test_tool_names_do_not_filter_fenced_calls():
+    assert parse_reply(F_ONE, {"search"}, ids(), fenced_calls=True) == ("", [ToolCall("call_0", *PARIS)])
+    assert parse_reply(F_ONE, {"search"}, ids()) == (F_ONE, [])   # without the option: a filtered bare guess
+
+
+@pytest.mark.parametrize("text", [
+    FENCE + '{"name": "f", "arguments": {"code": "' + 'x\\"{[' * 40_000 + '"}}\n```',
+    FENCE + '[{"arguments": {"v": [' + "1, " * 66_667 + '2]}, "name": "f"}]\n```',
+    FENCE + '{"name": "f", "arguments": {"a": 1}, oops' + "y" * 200_000 + "\n```",
+    F_ONE + " " * 200_000 + "Done",
+], ids=["arguments", "arguments-before-name", "skipped", "whitespace-after"])
+def test_feeding_a_200_kb_fenced_reply_one_character_at_a_time_is_linear(text):
+    parser = ToolCallParser(fenced_calls=True)
+    start = time.perf_counter()
+    deltas = [parser.feed(ch) for ch in text]
+    deltas.append(parser.finish())
+    elapsed = time.perf_counter() - start
+    assert join_deltas(deltas)[1]
     assert elapsed < 4.0, f"{elapsed:.2f} s for {len(text)} characters: quadratic?"

@@ -158,7 +158,7 @@ def tool_turn(chat, text: str, params, verbose: bool):
     results fed back, until it answers without a call — at most MAX_TOOL_ROUNDS replies."""
     from ..apps.agent_tools import run_tool
     enabled = [t.name for t in chat.tools.tools]
-    used = []
+    used, answered = [], {}   # (name, arguments) -> the result it got this turn
     try:
         gen = chat.ask(text, params)
         for round_ in range(MAX_TOOL_ROUNDS):
@@ -166,7 +166,12 @@ def tool_turn(chat, text: str, params, verbose: bool):
             calls = chat.record(gen)
             if interrupted or not calls:
                 break
+            if all((c.name, c.arguments) in answered for c in calls):   # a small model asking again: show what
+                for c in calls:                                         # it has, rather than loop
+                    print(f"[{c.name} answered: {answered[c.name, c.arguments]}]")
+                break
             results = [(call, run_tool(call, enabled)) for call in calls]
+            answered.update(((call.name, call.arguments), result) for call, result in results)
             for call, result in results:
                 used.append(call.name)
                 if verbose:
@@ -188,7 +193,7 @@ def stream_content(gen, tool_names: set[str], verbose: bool) -> bool:
     """Print a reply's text as it streams, without its tool calls (their tags and JSON); Ctrl-C stops it.
     Returns whether it was interrupted."""
     from ..engine.tool_parser import ToolCallParser
-    parser, shown, interrupted = ToolCallParser(tool_names), False, False
+    parser, shown, interrupted = ToolCallParser(tool_names, fenced_calls=True), False, False
     try:
         for piece in gen:
             shown |= write(parser.feed(piece).content)

@@ -78,10 +78,10 @@ class Generation:
         self.stop_string: str | None = None   # the stop string that ended it, if one did
         self._start = self._first_token_at = None
         self.last_token: int | None = None
-        # a grammar constrains the output from the start, or (grammar_trigger) once the text holds the trigger
+        # a grammar constrains the output from the start, or (grammar_triggers) once the text holds a trigger
         self.grammar: Grammar | None = None
-        self._trigger, self._trigger_from = params.grammar_trigger, 0
-        if params.grammar is not None and self._trigger is None:
+        self._triggers, self._trigger_from = tuple(params.grammar_triggers), 0
+        if params.grammar is not None and not self._triggers:
             self.grammar = engine.grammars.start(params.grammar)
         self._mask: tuple[int, torch.Tensor] | None = None   # (grammar tokens accepted, its mask) of this step
 
@@ -163,22 +163,26 @@ class Generation:
         if len(self.token_ids) >= self.max_new:
             self.finish_reason, self.done = "length", True
         text = self._text_of(token)
-        if self._trigger is not None:
+        if self._triggers:
             self._start_grammar_on_trigger()
         if self.grammar is not None and self.grammar.is_done() and not self.done:
             self.finish_reason, self.done = "stop", True   # complete: nothing but the end of the turn may follow
         return text
 
     def _start_grammar_on_trigger(self):
-        """Start the grammar once the output holds the trigger; what follows the trigger (a token may
-        reach past it) is fed to it first. If that breaks the grammar, the model has left the format:
-        the output stays free."""
+        """Start the grammar once the output holds a trigger (the first to appear); what follows it (a token
+        may reach past it) is fed to the grammar first. If that breaks the grammar, the model has left the
+        format: the output stays free."""
         written = self.text + self._pending
-        at = written.find(self._trigger, max(0, self._trigger_from - len(self._trigger)))
+        since = max(0, self._trigger_from - max(map(len, self._triggers)))
         self._trigger_from = len(written)
-        if at < 0:
+        begins = len(written) - len(written.lstrip())
+        found = [(at, t) for t in self._triggers if not t.startswith("^") and (at := written.find(t, since)) >= 0]
+        found += [(begins, t[1:]) for t in self._triggers if t.startswith("^") and written.startswith(t[1:], begins)]
+        if not found:
             return
-        rest, self._trigger = written[at + len(self._trigger):], None
+        at, trigger = min(found)
+        rest, self._triggers = written[at + len(trigger):], ()
         grammar = self.engine.grammars.start(self.params.grammar)
         if not rest or grammar.accept(self.engine.grammars.tokenize(rest)):
             self.grammar = grammar

@@ -46,13 +46,13 @@ def schema_problem(schema) -> str | None:
     size = len(json.dumps(schema))
     if size > MAX_SCHEMA_BYTES:
         return f"the schema is {size} bytes; at most {MAX_SCHEMA_BYTES}"
-    depth = _depth(schema)
+    depth = nesting_depth(schema)
     if depth > MAX_SCHEMA_DEPTH:
         return f"the schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH}"
     return None
 
 
-def _depth(value) -> int:
+def nesting_depth(value) -> int:
     """Nesting depth of objects and arrays, iteratively (a deep schema must not exhaust Python's stack)."""
     deepest, stack = 0, [(value, 1)]
     while stack:

@@ -32,7 +32,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None              # score the prompt too: each prompt token's log-probability
                                                     # and this many alternatives (max_new_tokens may then be 0)
     grammar: str | None = None          # output constrained to this grammar (grammar.py: a compiled grammar's text)
-    grammar_trigger: str | None = None  # ... only once the output holds this text (a tool call's opening tag)
+    grammar_triggers: tuple[str, ...] = ()  # ... only once the output holds one of these (a tool call's opening;
+                                            # "^text": only where the output begins with it, after whitespace)
 
     def validate(self):
         """Raise ValueError naming the first setting out of range (NaN and infinities included)."""

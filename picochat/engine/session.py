@@ -33,7 +33,7 @@ class ChatSession:
         self.tools = tools
         self.messages: list[dict] = []
         self._native = template_has_tools(engine.tokenizer)   # the template renders tools and calls itself
-        self._grammars: dict[str, tuple[str | None, str | None]] = {}   # tool choice -> (grammar, trigger)
+        self._grammars: dict[str, tuple[str | None, tuple[str, ...]]] = {}   # tool choice -> (grammar, triggers)
         self._text, self._ids = "", []       # the last rendered prompt plus reply, and their tokens
         self._prompt: tuple[str, list[int]] | None = None
         self.clear()
@@ -89,15 +89,15 @@ class ChatSession:
             use = self.tools if choice == self.tools.choice else dataclasses.replace(self.tools, choice=choice,
                                                                                      function=None)
             self._grammars[choice] = output_grammar(self.engine.grammars, use)
-        grammar, trigger = self._grammars[choice]
-        return dataclasses.replace(params, grammar=grammar, grammar_trigger=trigger, stop=list(params.stop))
+        grammar, triggers = self._grammars[choice]
+        return dataclasses.replace(params, grammar=grammar, grammar_triggers=triggers, stop=list(params.stop))
 
     def record(self, gen: Generation) -> list[ToolCall]:
         """Add the (possibly interrupted) reply to the conversation. With tools, returns the calls it made
         (parsed from its text, kept as the message's tool_calls): answer them with add_tool_results."""
         content, calls = gen.text, []
         if self.tools is not None and self.tools.calls_possible:
-            content, calls = parse_reply(gen.text, {t.name for t in self.tools.tools})
+            content, calls = parse_reply(gen.text, {t.name for t in self.tools.tools}, fenced_calls=True)
         message = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]

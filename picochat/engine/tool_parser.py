@@ -13,6 +13,15 @@ maybe after some text, maybe several in a row. The parser is a small state machi
   raw    the JSON broke: collect the text up to `</tool_call>`
   bare   the reply began with `{`, `[` or a ```json fence: hold everything until finish()
 
+With fenced_calls=True (the caller's grammar guarantees that a reply opening with "```json\n" is a call
+block, as Qwen2.5-Coder writes its calls), such a reply streams instead of going to bare:
+
+  fence        inside the block: its object, or each object of its list, is read by the same scanner as a
+               tagged call (mode call for the object's characters), so deltas stream exactly as for tags
+  fence_close  after the object or list: skip whitespace, expect the closing ```
+  fence_skip   the JSON broke after a call was sent: skip the rest of the block, up to ```
+  fence_end    after the closing ```: skip the whitespace, then the rest is text
+
 Each character is looked at a bounded number of times (the scanner keeps its state between pieces and
 never re-reads the buffer), so feeding a reply one character at a time costs the same as feeding it whole,
 and any split of the text gives the same joined result as parse_reply.
@@ -34,6 +43,16 @@ Choices for the awkward cases:
     so is whitespace at the end of a reply that made a call; whitespace inside the tags around the object
     is not part of anything. A call with no `</tool_call>` ends where its object does; a `</tool_call>`
     inside one of the object's JSON strings is part of the string.
+  * A fenced call block (fenced_calls=True) follows the tagged rules, with the block in the place of the
+    tags: only exactly "```json\n" after leading whitespace opens one (a prefix of it is held until the next
+    piece decides; anything else is handled as without the option). tool_names does not filter its calls.
+    JSON that breaks before any call of the block is named releases the whole block as content, verbatim,
+    fences and leading whitespace included, through the tag scanner; once a call was sent, the calls stay
+    as sent and the rest of the block up to ``` is skipped (a later call of the list that breaks before its
+    name included). Text after the object or list that is not whitespace and ``` is content, as after a
+    tagged call; whitespace right after the closing ``` is dropped. A reply cut inside the block ends its
+    named calls as they are; cut before any name, the block is dropped and its JSON text recorded in
+    `parser.dropped`; a later call of the list cut before its name likewise, with that call's text.
 """
 from __future__ import annotations
 
@@ -48,6 +67,7 @@ ARGUMENT_KEYS = ("arguments", "parameters")
 JSON_SPACE = " \t\r\n"
 VALUE_STARTS = '{["-0123456789tfn'    # what a JSON value can begin with
 FENCE_TAGS = ("", "json")             # ``` or ```json opens a fenced call; ```python is just code
+FENCE_OPEN, FENCE_CLOSE = "```json\n", "```"   # a call block, with fenced_calls=True
 MAX_FENCE_LINE = 16                   # longer than this, the fence's first line is not "json"
 
 _TAG = re.compile(r"</?tool_call>")
@@ -147,6 +167,15 @@ class _Call:
     raw: list[str] = field(default_factory=list)        # the text inside the tags, while there is no name
 
 
+@dataclass
+class _Fence:
+    """A ```json call block opening the reply (fenced_calls=True)."""
+    opening: str              # the leading whitespace and "```json\n"
+    step: str = "value"       # value (the block's JSON) item (a list's next object) next (, or ]) object
+    is_list: bool = False
+    raw: list[str] = field(default_factory=list)   # the JSON text, while no call is named
+
+
 def _partial_tag(text: str) -> int:
     """How many characters at the end of text could be the start of a tag (held back until known)."""
     if "<" not in text[-len(CLOSE):]:
@@ -210,9 +239,11 @@ def _bare_calls(text: str, tool_names: set[str] | None) -> list[tuple[str, str]]
 class ToolCallParser:
     """Feed it the model's text as it comes; each feed() returns what can be shown now, finish() the rest."""
 
-    def __init__(self, tool_names: set[str] | None = None, make_id: Callable[[], str] = new_call_id):
+    def __init__(self, tool_names: set[str] | None = None, make_id: Callable[[], str] = new_call_id, *,
+                 fenced_calls: bool = False):
         self.tool_names = tool_names
         self.make_id = make_id
+        self.fenced_calls = fenced_calls   # a reply opening with "```json\n" is a call block: stream it
         self.dropped: list[str] = []   # the text of calls cut off before their name (see the module's notes)
         self._mode = "start"
         self._held = ""                # start: the reply so far; text, after, raw: a possible partial tag
@@ -220,10 +251,13 @@ class ToolCallParser:
         self._gap_droppable = True     # at the start of the reply and after a call
         self._bare: list[str] = []
         self._call = _Call()
+        self._fence = _Fence("")
         self._count = 0                # calls named so far: the next call's index
         self._out = ParsedDelta()
         self._handlers = {"start": self._in_start, "text": self._in_text, "call": self._in_call,
-                          "after": self._in_after, "raw": self._in_raw, "bare": self._in_bare}
+                          "after": self._in_after, "raw": self._in_raw, "bare": self._in_bare,
+                          "fence": self._in_fence, "fence_close": self._in_fence_close,
+                          "fence_skip": self._in_fence_skip, "fence_end": self._in_fence_end}
 
     def feed(self, text: str) -> ParsedDelta:
         """The next piece of model text, any size: what of it (and of what was held) can be sent now."""
@@ -249,6 +283,8 @@ class ToolCallParser:
                 self._out.content += self._gap   # a whitespace-only reply without calls: it is the content
         elif self._mode in ("call", "raw"):
             self._finish_call()
+        elif self._mode == "fence":
+            self._finish_fence()
         self._mode = "done"
         return self._out
 
@@ -273,7 +309,15 @@ class ToolCallParser:
     # -- start, bare and text
     def _in_start(self, s: str) -> str:
         self._held += s
-        verdict = _looks_bare(self._held.lstrip())
+        head = self._held.lstrip()
+        if self.fenced_calls and head.startswith(FENCE_OPEN):
+            cut = len(self._held) - len(head) + len(FENCE_OPEN)
+            self._fence = _Fence(self._held[:cut])
+            self._mode, rest, self._held = "fence", self._held[cut:], ""
+            return rest
+        if self.fenced_calls and FENCE_OPEN.startswith(head):
+            return ""    # maybe the call block: the next piece decides (a verdict below never comes earlier)
+        verdict = _looks_bare(head)
         if verdict is None:
             return ""
         held, self._held = self._held, ""
@@ -458,10 +502,104 @@ class ToolCallParser:
             self._delta("{}")
 
 
-def parse_reply(text: str, tool_names: set[str] | None = None,
-                make_id: Callable[[], str] = new_call_id) -> tuple[str, list[ToolCall]]:
+    # -- a ```json call block opening the reply (fenced_calls=True)
+    def _in_fence(self, s: str) -> str:
+        f, i = self._fence, 0
+        while i < len(s) and self._mode == "fence":
+            i = self._fence_object(s, i) if f.step == "object" else self._fence_between(s, i)
+        if self._count == 0:      # nothing sent yet: keep the text, the block may be content after all
+            f.raw.append(s[:i])
+            if self._mode == "text":
+                return "".join([f.opening, *f.raw]) + s[i:]   # broke: the block as written, then the rest
+        return s[i:]
+
+    def _fence_between(self, s: str, i: int) -> int:
+        """The block's JSON outside its objects: a list's brackets and commas."""
+        f, ch = self._fence, s[i]
+        if ch in JSON_SPACE:
+            return i + 1
+        if ch == "{" and f.step in ("value", "item"):
+            f.step, self._call = "object", _Call()
+            return i               # the call's scan reads its own opening brace
+        if ch == "[" and f.step == "value":
+            f.step, f.is_list = "item", True
+        elif ch == "," and f.step == "next":
+            f.step = "item"
+        elif ch == "]" and f.step == "next":
+            self._mode = "fence_close"
+        else:
+            self._fence_break()
+            return i
+        return i + 1
+
+    def _fence_object(self, s: str, i: int) -> int:
+        """One step of the tagged call's scan: its modes after the step say how the object went."""
+        c = self._call
+        self._mode = "call"
+        end = self._step(s, i)
+        if c.name is None:
+            c.raw.append(s[i:end])
+        outcome, self._mode = self._mode, "fence"
+        if outcome == "after":     # the object closed (its "{}" already sent if it had no arguments)
+            self._fence.step = "next"
+            if not self._fence.is_list:
+                self._mode = "fence_close"
+        elif outcome == "raw":
+            if c.name is not None and not c.has_args:
+                self._delta("{}")
+            self._fence_break()
+        return end
+
+    def _fence_break(self):
+        # nothing sent: the block is released as content (by _in_fence); else the calls stand as sent
+        self._mode = "text" if self._count == 0 else "fence_skip"
+
+    def _in_fence_close(self, s: str) -> str:
+        if not self._held:         # whitespace goes to the gap at once (holding it would be quadratic)
+            rest = s.lstrip()
+            self._gap += s[:len(s) - len(rest)]
+            s = rest
+        buf, self._held = self._held + s, ""
+        if buf.startswith(FENCE_CLOSE):
+            self._mode, self._gap = "fence_end", ""
+            return buf[len(FENCE_CLOSE):]
+        if FENCE_CLOSE.startswith(buf):    # nothing yet, or `` that may become the fence
+            self._held = buf
+            return ""
+        self._mode, self._gap_droppable = "text", True   # the model went on writing, as after a tagged call
+        return buf
+
+    def _in_fence_skip(self, s: str) -> str:
+        buf, self._held = self._held + s, ""
+        end = buf.find(FENCE_CLOSE)
+        if end < 0:
+            self._held = buf[len(buf.rstrip("`")):]   # at most two backticks, or the fence was found
+            return ""
+        self._mode = "fence_end"
+        return buf[end + len(FENCE_CLOSE):]
+
+    def _in_fence_end(self, s: str) -> str:
+        rest = s.lstrip()
+        if rest:
+            self._mode, self._gap, self._gap_droppable = "text", "", True
+        return rest
+
+    def _finish_fence(self):
+        """The reply ended inside the block: its named calls end as they are (see the module's notes)."""
+        f, c = self._fence, self._call
+        if f.step == "object" and c.name is not None:
+            if not c.has_args:
+                self._delta("{}")
+        elif self._count == 0:
+            self.dropped.append("".join(f.raw))
+        elif f.step == "object":
+            self.dropped.append("".join(c.raw))
+
+
+def parse_reply(text: str, tool_names: set[str] | None = None, make_id: Callable[[], str] = new_call_id, *,
+                fenced_calls: bool = False) -> tuple[str, list[ToolCall]]:
     """feed(text) + finish(), concatenated: (content, calls) — the non-streamed reply."""
-    parser = ToolCallParser(tool_names, make_id)
+    parser = ToolCallParser(tool_names, make_id, fenced_calls=fenced_calls)
     return join_deltas([parser.feed(text), parser.finish()])
 
 

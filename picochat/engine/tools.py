@@ -10,10 +10,14 @@ A model calls a tool by writing (Qwen2.5 and Hermes's format, which most open mo
 tool_parser.py reads such calls back out of the text. Here the request's `tool_choice` becomes a grammar:
 
     none       free text with no special token, so not the <tool_call> tag
-    auto       free text; once the model opens a call, the call is constrained: a known function's name and
-               arguments valid under its parameters' schema (a grammar started by its trigger, the tag)
+    auto       free text; once the model opens a call — the tag, or a ```json fence opening the reply —
+               the call is constrained: a known function's name and arguments valid under its parameters'
+               schema (a grammar started by its trigger)
     required   one or more calls, from the first token
     function   exactly one call of the named function, from the first token — whatever the prompt says
+
+A call may open either way (the model picks: Qwen2.5-Coder-1.5B writes a fenced block by itself, and when
+made to use the tags goes on to call again and again); a fenced block holds one call, or a list of them.
 
 A template without a tool section (SmolLM2's) gets the same instructions in its system message, and
 earlier calls and results written out as text in that format.
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from .grammar import ANY_TEXT, GrammarCompiler, strict_schema
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+FENCE_OPEN, FENCE_CLOSE = "```json\n", "```"   # how some models write a call without the tags
 FALLBACK_INSTRUCTIONS = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
@@ -147,17 +152,21 @@ def call_schema(tools: list[Tool]) -> dict:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def output_grammar(compiler: GrammarCompiler, use: ToolUse) -> tuple[str | None, str | None]:
-    """(grammar, trigger) for a reply under `use`: the trigger None when the grammar holds from the first
+def output_grammar(compiler: GrammarCompiler, use: ToolUse) -> tuple[str | None, tuple[str, ...]]:
+    """(grammar, triggers) for a reply under `use`: no triggers when the grammar holds from the first
     token. Raises GrammarError naming what cannot be enforced (a parameters schema it cannot compile)."""
     if not use.calls_possible:
-        return compiler.lark(ANY_TEXT), None
+        return compiler.lark(ANY_TEXT), ()
     tools = [t for t in use.tools if t.name == use.function] if use.choice == "function" else use.tools
     call = compiler.embedded_json(call_schema(tools))
     open_tag, close_tag = compiler.literal(CALL_OPEN), compiler.literal(CALL_CLOSE)
     whole = f'{open_tag} "\\n" {call} "\\n" {close_tag}'
     several = use.parallel and use.choice != "function"   # a named function: exactly one call
     more = f' ("\\n" {whole})*' if several else ""
-    if use.choice == "auto":   # after the model's own opening tag
-        return compiler.lark(f'start: "\\n" {call} "\\n" {close_tag}{more}'), CALL_OPEN
-    return compiler.lark(f'start: {whole}{more}'), None
+    # a ```json block: what Qwen2.5-Coder writes by itself; one call, or (parallel) a list of them
+    listed = f'{call} | "[" {call} (", " {call})* "]"' if several else call
+    fenced = f'({listed}) "\\n{FENCE_CLOSE}"'
+    if use.choice == "auto":   # after the model's own opening: the tag anywhere, a fence opening the reply
+        tagged = f'"\\n" {call} "\\n" {close_tag}{more}'
+        return compiler.lark(f"start: {tagged} | {fenced}"), (CALL_OPEN, "^" + FENCE_OPEN)
+    return compiler.lark(f'start: {whole}{more} | {json.dumps(FENCE_OPEN)} {fenced}'), ()

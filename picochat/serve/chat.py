@@ -73,7 +73,7 @@ def prepare(state: ServerState, call: ChatCall) -> tuple[list[int], list[Samplin
     except ValueError as e:
         raise APIError(400, f"cannot render the chat template: {e}", "messages") from None
     params = sampling_for(call.sampling, prompt_ids, state.ready().max_len, call.max_tokens)
-    params.grammar, params.grammar_trigger = compile_grammar(engine.grammars, call)
+    params.grammar, params.grammar_triggers = compile_grammar(engine.grammars, call)
     return prompt_ids, choices_of(params, call.n)
 
 
@@ -95,13 +95,13 @@ def sampling_for(base: SamplingParams, prompt_ids: list[int], context: int, max_
                                stop=list(base.stop))
 
 
-def compile_grammar(compiler, call: ChatCall) -> tuple[str | None, str | None]:
-    """(grammar, trigger) for the reply; a schema or a tool's parameters the engine cannot enforce is a
+def compile_grammar(compiler, call: ChatCall) -> tuple[str | None, tuple[str, ...]]:
+    """(grammar, triggers) for the reply; a schema or a tool's parameters the engine cannot enforce is a
     400 naming it."""
     if call.json_mode:
-        return answer_grammar(compiler, call.schema, call.strict), None
+        return answer_grammar(compiler, call.schema, call.strict), ()
     if call.tools is None:
-        return None, None
+        return None, ()
     for i, tool in enumerate(call.tools.tools):
         try:
             compiler.json_schema(tool.parameters, strict=True)   # as the call grammar holds it
@@ -178,7 +178,8 @@ async def run_choices(state: ServerState, request: Request, prompt_ids: list[int
     except ValueError as e:
         raise APIError(400, str(e)) from None
     names = {t.name for t in tools.tools} if tools and tools.calls_possible else None
-    replies = [ChoiceReply(i, h.gen, ToolCallParser(names) if names is not None else None)
+    # under tools the grammar holds a ```json block opening the reply to a call: it streams as one
+    replies = [ChoiceReply(i, h.gen, ToolCallParser(names, fenced_calls=True) if names is not None else None)
                for i, h in enumerate(handles)]
     return replies, events_of(state, request, handles, replies, queue)
 

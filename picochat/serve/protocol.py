@@ -24,6 +24,7 @@ import numpy as np
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..engine.grammar import nesting_depth
 from .tool_protocol import (MAX_CALL_ID_CHARS, MAX_TOOLS, ResponseFormat, ToolCallDeltaOut, ToolCallIn,
                             ToolCallOut, ToolChoice, ToolDef, omitted_if_none)
 
@@ -107,22 +108,12 @@ def too_deep(raw: bytes) -> str | None:
     path, level = [], 0
     while isinstance(value, (dict, list)) and level < MAX_JSON_DEPTH:
         items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
-        deepest = max(items, key=lambda kv: _depth_of(kv[1]), default=None)
+        deepest = max(items, key=lambda kv: nesting_depth(kv[1]), default=None)
         if deepest is None:
             return None
         path.append(deepest[0])
         value, level = deepest[1], level + 1
     return _param_name(tuple(path[:5])) if path else None
-
-
-def _depth_of(value) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, level)
-            stack += [(v, level + 1) for v in (item.values() if isinstance(item, dict) else item)]
-    return deepest
 
 
 def lone_surrogate(value, path: str = "") -> str | None:
