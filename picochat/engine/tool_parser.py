@@ -62,18 +62,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
-ARGUMENT_KEYS = ("arguments", "parameters")
-JSON_SPACE = " \t\r\n"
-VALUE_STARTS = '{["-0123456789tfn'    # what a JSON value can begin with
-FENCE_TAGS = ("", "json")             # ``` or ```json opens a fenced call; ```python is just code
-FENCE_OPEN, FENCE_CLOSE = "```json\n", "```"   # a call block, with fenced_calls=True
-MAX_FENCE_LINE = 16                   # longer than this, the fence's first line is not "json"
+from .tool_scan import (ARGUMENT_KEYS, CLOSE, FENCE_CLOSE, FENCE_OPEN, JSON_SPACE, OPEN, VALUE_STARTS, CallScan,
+                        FenceScan, ValueScan, bare_calls, looks_bare, partial_tag)
 
 _TAG = re.compile(r"</?tool_call>")
-_STRING_STOP = re.compile(r'["\\]')          # inside a JSON string only a quote or a backslash matters
-_NEST_STOP = re.compile(r'["{}\[\]]')         # outside strings: where strings and nesting begin and end
-_SCALAR_END = re.compile(r"[\s,}\]]")         # a number, true, false or null ends before one of these
 
 
 @dataclass
@@ -102,139 +94,6 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-# ----------------------------------------------------------------------------- scanning JSON a piece at a time
-@dataclass
-class _Value:
-    """Where a scan of one JSON value stands: enough to find its end without parsing it."""
-    depth: int = 0            # open braces and brackets
-    in_string: bool = False
-    escape: bool = False      # the last character was a backslash inside a string
-    scalar: bool = False      # a number, true, false or null: ends at the first delimiter
-
-    @classmethod
-    def starting(cls, ch: str) -> _Value:
-        """The scan after the value's first character ch (one of VALUE_STARTS)."""
-        if ch in "{[":
-            return cls(depth=1)
-        return cls(in_string=True) if ch == '"' else cls(scalar=True)
-
-    def scan(self, s: str, i: int) -> int | None:
-        """Go on over s from i: the index just past the value's end, or None if it goes on past s."""
-        while i < len(s):
-            if self.escape:   # the escaped character, whatever it is, is part of the string
-                self.escape, i = False, i + 1
-            elif self.in_string:
-                m = _STRING_STOP.search(s, i)
-                if m is None:
-                    return None
-                i = m.end()
-                if m.group() == "\\":
-                    self.escape = True
-                else:
-                    self.in_string = False
-                    if self.depth == 0:
-                        return i
-            elif self.scalar:
-                m = _SCALAR_END.search(s, i)
-                return None if m is None else m.start()
-            else:
-                m = _NEST_STOP.search(s, i)
-                if m is None:
-                    return None
-                i, ch = m.end(), m.group()
-                if ch == '"':
-                    self.in_string = True
-                elif ch in "{[":
-                    self.depth += 1
-                else:
-                    self.depth -= 1
-                    if self.depth == 0:
-                        return i
-        return None
-
-
-@dataclass
-class _Call:
-    """One tagged call being read."""
-    step: str = "open"        # open key key_text colon value name_text args skip comma
-    key: str = ""             # the top-level key whose value comes next
-    name: str | None = None   # known (and sent) once its string closed
-    index: int = -1
-    has_args: bool = False
-    value: _Value = field(default_factory=_Value)
-    piece: list[str] = field(default_factory=list)      # a key's or the name's JSON string text so far
-    args_held: list[str] = field(default_factory=list)  # arguments written before the name: sent with it
-    raw: list[str] = field(default_factory=list)        # the text inside the tags, while there is no name
-
-
-@dataclass
-class _Fence:
-    """A ```json call block opening the reply (fenced_calls=True)."""
-    opening: str              # the leading whitespace and "```json\n"
-    step: str = "value"       # value (the block's JSON) item (a list's next object) next (, or ]) object
-    is_list: bool = False
-    raw: list[str] = field(default_factory=list)   # the JSON text, while no call is named
-
-
-def _partial_tag(text: str) -> int:
-    """How many characters at the end of text could be the start of a tag (held back until known)."""
-    if "<" not in text[-len(CLOSE):]:
-        return 0
-    for k in range(min(len(text), len(CLOSE) - 1), 0, -1):
-        tail = text[-k:]
-        if OPEN.startswith(tail) or CLOSE.startswith(tail):
-            return k
-    return 0
-
-
-def _looks_bare(head: str) -> bool | None:
-    """Whether a reply beginning with head (no leading whitespace) is held as a possible bare call; None:
-    not known yet. A verdict never changes as head grows, so every split of the text decides the same."""
-    if not head:
-        return None
-    if head[0] in "{[":
-        return True
-    if not head.startswith("```"):
-        return None if "```".startswith(head) else False
-    line, newline, rest = head[3:].partition("\n")
-    tag = line.strip().lower()
-    if len(line) >= MAX_FENCE_LINE:
-        return False
-    if not newline:
-        return None if "json".startswith(tag) else False
-    if tag not in FENCE_TAGS:
-        return False
-    rest = rest.lstrip()
-    return rest[0] in "{[" if rest else None
-
-
-def _bare_calls(text: str, tool_names: set[str] | None) -> list[tuple[str, str]] | None:
-    """(name, arguments JSON) for each call if the whole text is a bare or fenced call or list of calls."""
-    body = text.strip()
-    if body.startswith("```"):
-        if len(body) < 6 or not body.endswith("```"):
-            return None
-        line, _, body = body[3:-3].partition("\n")
-        if line.strip().lower() not in FENCE_TAGS:
-            return None
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
-    items = value if isinstance(value, list) else [value]
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or not set(item) <= {"name", *ARGUMENT_KEYS}:
-            return None
-        name, arguments = item.get("name"), item.get("arguments", item.get("parameters"))
-        if not isinstance(name, str) or not name or not isinstance(arguments, dict):
-            return None
-        if tool_names is not None and name not in tool_names:
-            return None
-        calls.append((name, json.dumps(arguments, ensure_ascii=False)))
-    return calls or None
-
-
 # ----------------------------------------------------------------------------- the parser
 class ToolCallParser:
     """Feed it the model's text as it comes; each feed() returns what can be shown now, finish() the rest."""
@@ -250,8 +109,8 @@ class ToolCallParser:
         self._gap = ""                 # whitespace that is dropped if a call follows it
         self._gap_droppable = True     # at the start of the reply and after a call
         self._bare: list[str] = []
-        self._call = _Call()
-        self._fence = _Fence("")
+        self._call = CallScan()
+        self._fence = FenceScan("")
         self._count = 0                # calls named so far: the next call's index
         self._out = ParsedDelta()
         self._handlers = {"start": self._in_start, "text": self._in_text, "call": self._in_call,
@@ -312,12 +171,12 @@ class ToolCallParser:
         head = self._held.lstrip()
         if self.fenced_calls and head.startswith(FENCE_OPEN):
             cut = len(self._held) - len(head) + len(FENCE_OPEN)
-            self._fence = _Fence(self._held[:cut])
+            self._fence = FenceScan(self._held[:cut])
             self._mode, rest, self._held = "fence", self._held[cut:], ""
             return rest
         if self.fenced_calls and FENCE_OPEN.startswith(head):
             return ""    # maybe the call block: the next piece decides (a verdict below never comes earlier)
-        verdict = _looks_bare(head)
+        verdict = looks_bare(head)
         if verdict is None:
             return ""
         held, self._held = self._held, ""
@@ -333,7 +192,7 @@ class ToolCallParser:
 
     def _finish_bare(self):
         text = "".join(self._bare)
-        calls = _bare_calls(text, self.tool_names)
+        calls = bare_calls(text, self.tool_names)
         if calls is None:
             self._mode = "text"      # released as written, but a tagged call inside is still a call
             self._run(text)
@@ -351,7 +210,7 @@ class ToolCallParser:
         buf, self._held = self._held + s, ""
         m = _TAG.search(buf)
         if m is None:
-            keep = len(buf) - _partial_tag(buf)
+            keep = len(buf) - partial_tag(buf)
             self._content(buf[:keep])
             self._held = buf[keep:]
             return ""
@@ -359,7 +218,7 @@ class ToolCallParser:
             if m.start() == 0 and self._gap_droppable:
                 self._gap = ""       # only whitespace between the start or the last call and this one
             self._content(buf[:m.start()])
-            self._mode, self._call = "call", _Call()
+            self._mode, self._call = "call", CallScan()
         else:
             self._content(buf[:m.start()])   # a stray closing tag is dropped
         return buf[m.end():]
@@ -384,7 +243,7 @@ class ToolCallParser:
         if c.step == "open" and ch == "{":
             c.step = "key"
         elif c.step == "key" and ch == '"':
-            c.step, c.value, c.piece = "key_text", _Value(in_string=True), ['"']
+            c.step, c.value, c.piece = "key_text", ValueScan(in_string=True), ['"']
         elif c.step in ("key", "comma") and ch == "}":
             self._end_object()
         elif c.step == "comma" and ch == ",":
@@ -400,7 +259,7 @@ class ToolCallParser:
 
     def _begin_value(self, ch: str):
         c = self._call
-        c.value = _Value.starting(ch)
+        c.value = ValueScan.starting(ch)
         if c.key == "name" and c.name is None:
             if ch != '"':
                 self._mode = "raw"
@@ -476,7 +335,7 @@ class ToolCallParser:
         buf, self._held = self._held + s, ""
         m = _TAG.search(buf)
         if m is None:
-            keep = len(buf) - _partial_tag(buf)
+            keep = len(buf) - partial_tag(buf)
             self._call.raw.append(buf[:keep])
             self._held = buf[keep:]
             return ""
@@ -490,7 +349,7 @@ class ToolCallParser:
                 self._delta("{}")
             self._gap_droppable = True
         if m.group() == OPEN:
-            self._mode, self._call = "call", _Call()   # a new call began before this one closed
+            self._mode, self._call = "call", CallScan()   # a new call began before this one closed
         return buf[m.end():]
 
     def _finish_call(self):
@@ -519,7 +378,7 @@ class ToolCallParser:
         if ch in JSON_SPACE:
             return i + 1
         if ch == "{" and f.step in ("value", "item"):
-            f.step, self._call = "object", _Call()
+            f.step, self._call = "object", CallScan()
             return i               # the call's scan reads its own opening brace
         if ch == "[" and f.step == "value":
             f.step, f.is_list = "item", True

@@ -28,9 +28,8 @@ import json
 from dataclasses import dataclass, field
 
 from .grammar import ANY_TEXT, GrammarCompiler, strict_schema
+from .tool_scan import CLOSE as CALL_CLOSE, FENCE_CLOSE, FENCE_OPEN, OPEN as CALL_OPEN   # the markup, one home
 
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-FENCE_OPEN, FENCE_CLOSE = "```json\n", "```"   # how some models write a call without the tags
 FALLBACK_INSTRUCTIONS = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
