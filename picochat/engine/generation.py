@@ -83,7 +83,7 @@ class Generation:
         self._triggers, self._trigger_from = tuple(params.grammar_triggers), 0
         if params.grammar is not None and not self._triggers:
             self.grammar = engine.grammars.start(params.grammar)
-        self._mask: tuple[int, torch.Tensor] | None = None   # (grammar tokens accepted, its mask) of this step
+        self._mask: tuple[int, torch.Tensor] | None = None   # (grammar.version, its mask) of this step
 
     def __iter__(self):
         yield from self.engine.stream(self)
@@ -129,8 +129,8 @@ class Generation:
         once per step, however many times the sampler and the speculative checks ask."""
         if self.grammar is None:
             return None
-        if self._mask is None or self._mask[0] != self.grammar.accepted:
-            self._mask = (self.grammar.accepted, self.grammar.allowed(vocab))
+        if self._mask is None or self._mask[0] != self.grammar.version:
+            self._mask = (self.grammar.version, self.grammar.allowed(vocab))
         return self._mask[1]
 
     def next_token(self, logits: torch.Tensor) -> int:

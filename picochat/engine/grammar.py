@@ -147,6 +147,7 @@ class Grammar:
         self.matcher, self.vocab_size = matcher, vocab_size
         self.words = (vocab_size + 31) // 32
         self.accepted = 0   # tokens accepted so far (what rollback can undo)
+        self.version = 0    # changes with every accept and rollback: a mask computed before is stale
 
     def fill_mask(self, buffer: torch.Tensor):
         """Write the allowed next tokens into `buffer`, a contiguous int32 tensor of (vocab + 31) // 32
@@ -172,6 +173,7 @@ class Grammar:
     def accept(self, tokens: list[int]) -> bool:
         """Advance over `tokens`; False (and the grammar in an error state) if they break it."""
         ok = self.matcher.consume_tokens(list(tokens))
+        self.version += 1
         if ok:
             self.accepted += len(tokens)
         return ok
@@ -183,6 +185,7 @@ class Grammar:
         if n and not self.matcher.rollback(n):
             raise GrammarError(f"the grammar could not roll back {n} tokens: {self.matcher.get_error()}")
         self.accepted -= n
+        self.version += 1
 
     def is_done(self) -> bool:
         """Whether the grammar is complete and nothing but the end of the turn may follow."""
