@@ -212,6 +212,9 @@ BAD = [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"not": {}}}}}}]}, "tools[0].function.parameters"),
     ({"response_format": {"type": "json_object"}, "tools": TOOLS}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object", "properties": {
+        f"p{j}": {"enum": [f"value {k}" for k in range(30)]} for j in range(20)}}}} for i in range(40)]},
+     "tools"),   # each tool within the limits, all 40 together past what one grammar may hold
 ]
 
 
@@ -257,3 +260,16 @@ def test_langchain_bind_tools_and_structured_output(server):
     except Exception as e:   # a random model may be cut by max_tokens; the schema was still enforced
         pytest.skip(f"answer not finished: {e}")
     jsonschema.validate(answer, SCHEMAS["flat enum and range"])
+
+
+def test_a_plain_chat_never_builds_the_grammar_engine():
+    """The grammar engine reads the whole vocabulary once (~1 s for 150k tokens): only for a request that
+    needs it, and then on the engine's thread, not in the request's handler."""
+    engine = tiny_engine(TEXT)
+    with LiveServer(lambda: engine, "tiny") as live:
+        live.wait_loaded()
+        assert live.post("/v1/chat/completions", {"model": "tiny", "messages": ASK, "max_tokens": 3}).status_code == 200
+        assert not engine.grammars_built
+        shaped = {"model": "tiny", "messages": ASK, "max_tokens": 3, "response_format": {"type": "json_object"}}
+        assert live.post("/v1/chat/completions", shaped).status_code == 200
+        assert engine.grammars_built

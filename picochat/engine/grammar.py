@@ -27,6 +27,7 @@ import torch
 
 MAX_SCHEMA_BYTES = 64 * 1024     # a schema's JSON text; larger ones are refused before compiling
 MAX_SCHEMA_DEPTH = 24            # nested objects and arrays in a schema
+MAX_TOOLS_SCHEMA_BYTES = 256 * 1024   # all of a request's tools together (each within MAX_SCHEMA_BYTES)
 # JSON the way json.dumps writes it (and the models read in their prompts): compact, no free whitespace,
 # so a model cannot spend its tokens on blank lines inside an object
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -39,13 +40,13 @@ class GrammarError(ValueError):
     """A grammar or schema that cannot be enforced: the message says what (names the keyword)."""
 
 
-def schema_problem(schema) -> str | None:
+def schema_problem(schema, max_bytes: int = MAX_SCHEMA_BYTES) -> str | None:
     """Why a JSON schema is refused before compiling (its size or depth), or None."""
     if not isinstance(schema, dict):
         return f"a JSON schema must be an object, got {type(schema).__name__}"
     size = len(json.dumps(schema))
-    if size > MAX_SCHEMA_BYTES:
-        return f"the schema is {size} bytes; at most {MAX_SCHEMA_BYTES}"
+    if size > max_bytes:
+        return f"the schema is {size} bytes; at most {max_bytes}"
     depth = nesting_depth(schema)
     if depth > MAX_SCHEMA_DEPTH:
         return f"the schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH}"
@@ -106,9 +107,9 @@ class GrammarCompiler:
         """A Lark grammar (llguidance's dialect: `%json{...}` embeds a schema, `<tool_call>` a special token)."""
         return self.check(self._llg.LLMatcher.grammar_from_lark(source))
 
-    def embedded_json(self, schema: dict) -> str:
+    def embedded_json(self, schema: dict, max_bytes: int = MAX_SCHEMA_BYTES) -> str:
         """A schema inside a Lark grammar (`%json{...}`), written in the same compact style as json_schema's."""
-        problem = schema_problem(schema)
+        problem = schema_problem(schema, max_bytes)
         if problem:
             raise GrammarError(problem)
         return "%json" + json.dumps({**schema, "x-guidance": JSON_STYLE})

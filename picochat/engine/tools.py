@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .grammar import ANY_TEXT, GrammarCompiler, strict_schema
+from .grammar import ANY_TEXT, MAX_TOOLS_SCHEMA_BYTES, GrammarCompiler, strict_schema
 from .tool_scan import CLOSE as CALL_CLOSE, FENCE_CLOSE, FENCE_OPEN, OPEN as CALL_OPEN   # the markup, one home
 
 FALLBACK_INSTRUCTIONS = (
@@ -157,15 +157,14 @@ def output_grammar(compiler: GrammarCompiler, use: ToolUse) -> tuple[str | None,
     if not use.calls_possible:
         return compiler.lark(ANY_TEXT), ()
     tools = [t for t in use.tools if t.name == use.function] if use.choice == "function" else use.tools
-    call = compiler.embedded_json(call_schema(tools))
     open_tag, close_tag = compiler.literal(CALL_OPEN), compiler.literal(CALL_CLOSE)
-    whole = f'{open_tag} "\\n" {call} "\\n" {close_tag}'
     several = use.parallel and use.choice != "function"   # a named function: exactly one call
-    more = f' ("\\n" {whole})*' if several else ""
+    more = f' ("\\n" {open_tag} "\\n" call "\\n" {close_tag})*' if several else ""
     # a ```json block: what Qwen2.5-Coder writes by itself; one call, or (parallel) a list of them
-    listed = f'{call} | "[" {call} (", " {call})* "]"' if several else call
-    fenced = f'({listed}) "\\n{FENCE_CLOSE}"'
+    fenced = ('(call | "[" call (", " call)* "]")' if several else "call") + f' "\\n{FENCE_CLOSE}"'
     if use.choice == "auto":   # after the model's own opening: the tag anywhere, a fence opening the reply
-        tagged = f'"\\n" {call} "\\n" {close_tag}{more}'
-        return compiler.lark(f"start: {tagged} | {fenced}"), (CALL_OPEN, "^" + FENCE_OPEN)
-    return compiler.lark(f'start: {whole}{more} | {json.dumps(FENCE_OPEN)} {fenced}'), ()
+        start, triggers = f'"\\n" call "\\n" {close_tag}{more} | {fenced}', (CALL_OPEN, "^" + FENCE_OPEN)
+    else:
+        start, triggers = f'{open_tag} "\\n" call "\\n" {close_tag}{more} | {json.dumps(FENCE_OPEN)} {fenced}', ()
+    call = compiler.embedded_json(call_schema(tools), MAX_TOOLS_SCHEMA_BYTES)   # once: the rules refer to it
+    return compiler.lark(f"start: {start}\ncall: {call}"), triggers

@@ -66,6 +66,7 @@ def prepare(state: ServerState, call: ChatCall) -> tuple[list[int], list[Samplin
     settings (the first choice's seed, then seed + 1, ...; the grammar compiled and checked). After
     `grammars_ready` when the call has tools or an answer shape."""
     engine = state.engine
+    grammar, triggers = compile_grammar(engine, call)   # first: the tools' size is checked here
     instruction = schema_instruction(call.schema) if call.json_mode else None
     messages, kwargs = chat_messages(call.messages, call.tools, template_has_tools(engine.tokenizer), instruction)
     try:
@@ -73,7 +74,7 @@ def prepare(state: ServerState, call: ChatCall) -> tuple[list[int], list[Samplin
     except ValueError as e:
         raise APIError(400, f"cannot render the chat template: {e}", "messages") from None
     params = sampling_for(call.sampling, prompt_ids, state.ready().max_len, call.max_tokens)
-    params.grammar, params.grammar_triggers = compile_grammar(engine.grammars, call)
+    params.grammar, params.grammar_triggers = grammar, triggers
     return prompt_ids, choices_of(params, call.n)
 
 
@@ -95,13 +96,14 @@ def sampling_for(base: SamplingParams, prompt_ids: list[int], context: int, max_
                                stop=list(base.stop))
 
 
-def compile_grammar(compiler, call: ChatCall) -> tuple[str | None, tuple[str, ...]]:
-    """(grammar, triggers) for the reply; a schema or a tool's parameters the engine cannot enforce is a
-    400 naming it."""
+def compile_grammar(engine, call: ChatCall) -> tuple[str | None, tuple[str, ...]]:
+    """(grammar, triggers) for the reply (none for a plain chat: the grammar engine is not even made); a
+    schema or a tool's parameters the engine cannot enforce is a 400 naming it."""
     if call.json_mode:
-        return answer_grammar(compiler, call.schema, call.strict), ()
+        return answer_grammar(engine.grammars, call.schema, call.strict), ()
     if call.tools is None:
         return None, ()
+    compiler = engine.grammars
     for i, tool in enumerate(call.tools.tools):
         try:
             compiler.json_schema(tool.parameters, strict=True)   # as the call grammar holds it
