@@ -48,6 +48,13 @@ def tiny_tool_engine(text: str, vocab_size: int = 400, max_seq_len: int = 2048) 
     return Engine(GPT(config), tok)
 
 
+def serving(engine, **kwargs):
+    """A live server over `engine` as "tiny" for a module's tests: a fixture's body is `yield from serving(engine)`."""
+    with LiveServer(lambda: engine, "tiny", **{"max_batch": 4, "max_queue": 16, **kwargs}) as live:
+        live.wait_loaded()
+        yield live
+
+
 def sampler_failing_on_seed(sample_rows, seed: int = 666, after: int = 0):
     """engine.sampling.sample_rows, except that it raises for any batch holding a request with this seed, once
     `after` such batches have been sampled (0: at its first token, in the prefill; 1: at its next, decoding)."""

@@ -16,7 +16,7 @@ from picochat.engine.tool_parser import ParsedDelta, ToolCallDelta
 from picochat.serve.anthropic import Blocks, MessagesRequest, error_body, messages_of
 from picochat.serve.protocol import APIError, validate
 
-from helpers import LiveServer, tiny_tool_engine
+from helpers import LiveServer, serving, tiny_tool_engine
 
 TEXT = ('Hello there! {"name": "Ada", "age": 36, "tags": ["x", "y"], "ok": true, "score": 0.5} '
         "What is the weather in Paris? London, Tokyo. 2024-01-01 abc-123 null, false. ") * 40
@@ -42,10 +42,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def server(engine):
-    live = LiveServer(lambda: engine, "tiny", max_batch=4, max_queue=16)
-    live.wait_loaded()
-    yield live
-    live.close()
+    yield from serving(engine)
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from picochat.engine.sampling import SamplingParams
 from picochat.load import load
 from picochat.serve import protocol
 
-from helpers import LiveServer, tiny_engine
+from helpers import LiveServer, serving, tiny_engine
 
 TEXT = ("Hello there! How are you today? I am fine, thank you. The weather is nice. "
         "def add(a, b):\n    return a + b\n你好，世界。") * 30
@@ -30,10 +30,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def server(engine):
-    live = LiveServer(lambda: engine, "tiny", max_batch=4, max_queue=16)
-    live.wait_loaded()
-    yield live
-    live.close()
+    yield from serving(engine)
 
 
 @pytest.fixture()

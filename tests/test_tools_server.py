@@ -9,7 +9,7 @@ import openai
 import pydantic
 import pytest
 
-from helpers import LiveServer, tiny_engine, tiny_tool_engine
+from helpers import LiveServer, serving, tiny_engine, tiny_tool_engine
 from test_grammar import SCHEMAS, TEXT
 
 WEATHER = {"type": "object", "properties": {
@@ -34,10 +34,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def server(engine):
-    live = LiveServer(lambda: engine, "tiny", max_batch=4, max_queue=16)
-    live.wait_loaded()
-    yield live
-    live.close()
+    yield from serving(engine)
 
 
 @pytest.fixture()
