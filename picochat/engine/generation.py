@@ -55,6 +55,9 @@ class GenerationStats:
         return self.decode_steps / self.model_passes if self.model_passes else 1.0
 
 
+OPENING_SPAN = 256   # characters of a reply's opening an opening trigger ("^...") is looked for in
+
+
 class Generation:
     """One generation: iterate to stream text pieces; afterwards read text, token_ids, finish_reason, stats."""
 
@@ -172,20 +175,34 @@ class Generation:
     def _start_grammar_on_trigger(self):
         """Start the grammar once the output holds a trigger (the first to appear); what follows it (a token
         may reach past it) is fed to the grammar first. If that breaks the grammar, the model has left the
-        format: the output stays free."""
-        written = self.text + self._pending
+        format: the output stays free. Each call reads only the text written since the last one (and the
+        reply's opening, while an opening trigger can still match): never the whole reply per token."""
+        text, pending = self.text, self._pending
         since = max(0, self._trigger_from - max(map(len, self._triggers)))
-        self._trigger_from = len(written)
-        begins = len(written) - len(written.lstrip())
-        found = [(at, t) for t in self._triggers if not t.startswith("^") and (at := written.find(t, since)) >= 0]
-        found += [(begins, t[1:]) for t in self._triggers if t.startswith("^") and written.startswith(t[1:], begins)]
+        self._trigger_from = len(text) + len(pending)
+        tail = text[since:] + pending[max(0, since - len(text)):]
+        found = [(since + at, t) for t in self._triggers if not t.startswith("^") and (at := tail.find(t)) >= 0]
+        found += self._opening_trigger(text, pending)
         if not found:
             return
         at, trigger = min(found)
-        rest, self._triggers = written[at + len(trigger):], ()
+        rest, self._triggers = (text + pending)[at + len(trigger):], ()
         grammar = self.engine.grammars.start(self.params.grammar)
         if not rest or grammar.accept(self.engine.grammars.tokenize(rest)):
             self.grammar = grammar
+
+    def _opening_trigger(self, text: str, pending: str) -> list[tuple[int, str]]:
+        """[(where, trigger)] for a "^trigger" the reply opens with (after whitespace); once the reply's
+        opening is longer than every such trigger and matched none, they are dropped."""
+        openings = [t[1:] for t in self._triggers if t.startswith("^")]
+        if not openings:
+            return []
+        head = (text + pending)[:OPENING_SPAN] if len(text) < OPENING_SPAN else text[:OPENING_SPAN]
+        begins = len(head) - len(head.lstrip())
+        found = [(begins, t) for t in openings if head.startswith(t, begins)]
+        if not found and len(head) - begins >= max(map(len, openings)):
+            self._triggers = tuple(t for t in self._triggers if not t.startswith("^"))
+        return found
 
     def _text_of(self, token: int) -> str:
         """The text `token` completes, less what may be the start of a stop string (held back until ruled out)."""

@@ -104,16 +104,23 @@ def compile_grammar(engine, call: ChatCall) -> tuple[str | None, tuple[str, ...]
     if call.tools is None:
         return None, ()
     compiler = engine.grammars
-    for i, tool in enumerate(call.tools.tools):
+    try:
+        grammar = output_grammar(compiler, call.tools)
+    except GrammarError as e:
+        failed = e
+    else:
+        if call.tools.calls_possible:   # all the tools compiled in one grammar: each is enforceable
+            return grammar
+        failed = None                   # "none" leaves the schemas out of the grammar: check them one by one
+    for i, tool in enumerate(call.tools.tools):   # which tool's parameters the engine cannot enforce
         try:
             compiler.json_schema(tool.parameters, strict=True)   # as the call grammar holds it
         except GrammarError as e:
             raise APIError(400, f"the parameters of '{tool.name}' cannot be enforced: {e}",
                            f"tools[{i}].function.parameters") from None
-    try:
-        return output_grammar(compiler, call.tools)
-    except GrammarError as e:
-        raise APIError(400, f"the tools cannot be enforced together: {e}", "tools") from None
+    if failed is not None:
+        raise APIError(400, f"the tools cannot be enforced together: {failed}", "tools") from None
+    return grammar
 
 
 def answer_grammar(compiler, schema: dict | None, strict: bool) -> str:

@@ -102,7 +102,7 @@ def tool_use_of(body: ChatRequest) -> ToolUse | None:
     return use
 
 
-def chat_call(state: ServerState, body: ChatRequest, messages: list[dict] | None = None) -> ChatCall:
+def chat_call(body: ChatRequest, messages: list[dict] | None = None) -> ChatCall:
     """A chat request in the engine's terms (`messages`: the grounded conversation, when a knowledge base
     answers)."""
     if body.top_logprobs and not body.logprobs:
@@ -301,7 +301,7 @@ async def chat_completions(request: Request):
     if grounding is not None and grounding.declined:
         return declined_reply(state, body, grounding)
     messages = assistant.grounded_messages(body.message_dicts(), grounding) if grounding else None
-    call = chat_call(state, body, messages)
+    call = chat_call(body, messages)
     await grammars_ready(state, call.json_mode or call.tools is not None)
     prompt_ids, params = prepare(state, call)
     replies, events = await run_choices(state, request, prompt_ids, params, call.tools)
