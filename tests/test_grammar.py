@@ -12,7 +12,7 @@ from picochat.engine.engine import Engine
 from picochat.engine.grammar import MAX_SCHEMA_DEPTH, GrammarError, schema_problem, strict_schema
 from picochat.engine.sampling import SamplingParams
 
-from helpers import tiny_tool_engine
+from helpers import run_cli, save_tiny_folder, tiny_tool_engine
 
 TEXT = ('Hello there! {"name": "Ada", "age": 36, "tags": ["x", "y"], "ok": true, "score": 0.5} '
         "What is the weather in Paris? London, Tokyo. 2024-01-01 abc-123 null, false. ") * 40
@@ -200,3 +200,39 @@ def test_a_grammar_started_by_its_trigger(engine):
     never = engine.complete(ids, SamplingParams(max_new_tokens=6, temperature=0, grammar=grammar,
                                                 grammar_triggers=("\u2603never",)))
     assert never.token_ids == free.token_ids and never.grammar is None
+
+
+# ----------------------------------------------------------------------------- picochat generate --json-schema
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny"), TEXT, max_seq_len=512)
+
+
+def test_generate_json_schema_answers_valid_json(tiny_folder, tmp_path, capsys):
+    schema = SCHEMAS["flat enum and range"]
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    for extra in ([], ["--chat"]):
+        code, out, err = run_cli(["generate", "Pick a colour.", "-m", tiny_folder, "--json-schema", path,
+                                  "--temperature", "0", "--max-new-tokens", "120", *extra], capsys)
+        assert code == 0, err
+        jsonschema.validate(json.loads(out), schema)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"type": "foo"}', "cannot be enforced: Invalid type: foo"),
+    ("[1, 2]", "must be a JSON object"),
+    ("{not json", "not a JSON schema"),
+    ('{"description": "' + "x" * 70_000 + '"}', "a JSON schema holds at most that much"),
+], ids=["unknown type", "not an object", "not json", "too large"])
+def test_generate_refuses_a_bad_schema_file_in_one_line(tiny_folder, tmp_path, capsys, content, message):
+    path = tmp_path / "schema.json"
+    path.write_text(content)
+    code, out, err = run_cli(["generate", "hi", "-m", tiny_folder, "--json-schema", path], capsys)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1 and not out
+
+
+def test_generate_refuses_a_device_or_missing_schema_file(tiny_folder, tmp_path, capsys):
+    for path in ("/dev/zero", tmp_path / "missing.json"):
+        code, _, err = run_cli(["generate", "hi", "-m", tiny_folder, "--json-schema", path], capsys)
+        assert code == 1 and err.startswith("picochat: error:") and len(err.strip().splitlines()) == 1

@@ -38,8 +38,9 @@ _NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_I
                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def read_bounded(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of a regular file of at most max_bytes, symbolic links resolved.
+def read_bounded(path, max_bytes: int = MAX_FILE_BYTES, advice: str = f"raise it with {MAX_FILE_FLAG} N") -> bytes:
+    """The bytes of a regular file of at most max_bytes, symbolic links resolved (`advice`: what the error
+    for a larger one tells the user to do).
 
     Raises DocumentError, naming the path, for a symbolic link loop, anything but a regular file (a FIFO,
     a device, a socket, a folder) and a file over max_bytes; FileNotFoundError for a missing file. It never
@@ -57,13 +58,13 @@ def read_bounded(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     try:
         info = os.fstat(fd)   # the descriptor opened, not the name: the file cannot be swapped in between
         _check_regular(path, info.st_mode)
-        _check_size(path, info.st_size, max_bytes)
+        _check_size(path, info.st_size, max_bytes, advice=advice)
         data = _read_at_most(functools.partial(os.read, fd), max_bytes + 1)
     except OSError as e:
         raise DocumentError(f"{path}: cannot read it ({e.strerror or e})") from None
     finally:
         os.close(fd)
-    _check_size(path, len(data), max_bytes, read_stopped=True)   # it grew while read
+    _check_size(path, len(data), max_bytes, read_stopped=True, advice=advice)   # it grew while read
     return data
 
 
@@ -101,13 +102,13 @@ def _check_regular(path, mode: int):
             raise DocumentError(f"{path}: {kind}, not a regular file; only files are read")
 
 
-def _check_size(path, size: int, max_bytes: int, read_stopped: bool = False):
+def _check_size(path, size: int, max_bytes: int, read_stopped: bool = False,
+                advice: str = f"raise it with {MAX_FILE_FLAG} N"):
     """DocumentError if size is over max_bytes (read_stopped: a read that stopped at max_bytes + 1, the
     whole size unknown)."""
     if size > max_bytes:
         held = f"more than {megabytes(max_bytes)}" if read_stopped else megabytes(size)
-        raise DocumentError(f"{path}: {held} is over the {megabytes(max_bytes)} limit for one file; raise it "
-                            f"with {MAX_FILE_FLAG} N")
+        raise DocumentError(f"{path}: {held} is over the {megabytes(max_bytes)} limit for one file; {advice}")
 
 
 def megabytes(n: int) -> str:

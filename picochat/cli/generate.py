@@ -25,7 +25,7 @@ def read_schema(path: str) -> dict:
     """The JSON schema in `path`, read within the grammar's size limit; ValueError saying what is wrong."""
     from ..apps.reading import read_bounded
     from ..engine.grammar import MAX_SCHEMA_BYTES
-    raw = read_bounded(path, MAX_SCHEMA_BYTES)
+    raw = read_bounded(path, MAX_SCHEMA_BYTES, advice="a JSON schema holds at most that much")
     try:
         schema = json.loads(raw)
     except ValueError as e:   # (UnicodeDecodeError too)
