@@ -17,6 +17,9 @@ from picochat.serve.anthropic import Blocks, MessagesRequest, error_body, messag
 from picochat.serve.protocol import APIError, validate
 
 from helpers import LiveServer, serving, tiny_tool_engine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_hardening_server import DERANDOMIZE, FUZZ_EXAMPLES, json_values
 
 TEXT = ('Hello there! {"name": "Ada", "age": 36, "tags": ["x", "y"], "ok": true, "score": 0.5} '
         "What is the weather in Paris? London, Tokyo. 2024-01-01 abc-123 null, false. ") * 40
@@ -399,3 +402,37 @@ def test_api_key(engine):
         openai_side = httpx.post(live.url + "/v1/chat/completions", headers={"x-api-key": "s3cret"},
                                  json={"model": "tiny", "messages": ASK, "max_tokens": 3})
         assert openai_side.status_code == 401 and openai_side.json()["error"]["code"] == "invalid_api_key"
+
+
+# ----------------------------------------------------------------------------- fuzzing
+blocks = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "tool_use", "tool_result", "image", 3])},
+                                        optional={"text": json_values, "id": json_values, "name": json_values,
+                                                  "input": json_values, "tool_use_id": json_values,
+                                                  "content": json_values, "is_error": json_values}), max_size=3)
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"])},
+                                          optional={"content": st.text(max_size=20) | blocks | json_values}),
+                    max_size=3)
+ANTHROPIC_FIELDS = {"max_tokens": st.integers(-2, 6) | json_values, "system": st.text(max_size=10) | blocks | json_values,
+                    "messages": messages, "tools": st.lists(st.fixed_dictionaries({}, optional={
+                        "name": st.sampled_from(["get_weather", "", "bad name"]) | json_values,
+                        "input_schema": json_values}), max_size=2) | json_values,
+                    "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "any", "tool", "none", "x"])},
+                                                         optional={"name": json_values}) | json_values,
+                    "stop_sequences": json_values, "temperature": json_values, "top_p": json_values,
+                    "top_k": json_values, "stream": st.booleans()}
+anthropic_bodies = st.fixed_dictionaries({}, optional=ANTHROPIC_FIELDS).map(
+    lambda d: {"model": "tiny", "max_tokens": 3, "messages": ASK, **d})
+
+
+@settings(max_examples=max(20, FUZZ_EXAMPLES // 5), derandomize=DERANDOMIZE, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(body=anthropic_bodies, path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]))
+def test_fuzz_messages_never_answers_500(server, body, path):
+    """Random bodies: a reply, or a 4xx in Anthropic's error shape naming the problem — never a 500."""
+    if isinstance(body.get("max_tokens"), int) and not isinstance(body.get("max_tokens"), bool):
+        body["max_tokens"] = min(body["max_tokens"], 6)   # keep generation short; the checks still run
+    r = server.post(path, body)
+    assert r.status_code in (200, 400, 404), r.text
+    if r.status_code != 200:
+        error = r.json()
+        assert error["type"] == "error" and error["error"]["type"] and error["error"]["message"]
