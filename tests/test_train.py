@@ -8,8 +8,8 @@ import random
 import shutil
 import subprocess
 import sys
-from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,7 +27,7 @@ from picochat.cli.train import configs_from_args
 from picochat.load import load
 from picochat.train.config import TRAIN_PRESETS
 from picochat.train.dist import DistInfo
-from picochat.train.loop import accumulate_gradients
+from picochat.train.loop import NextToken, accumulate_gradients
 from picochat.train.loop import train
 from picochat.tokenizer.bpe import Tokenizer
 from picochat.train.metrics import read_metrics
@@ -361,9 +361,10 @@ def test_gradient_accumulation_weights_each_pass_by_its_unmasked_targets():
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     passes = [(x[:1], y[:1]), (x[1:3], y[1:3]), (x[3:], y[3:])]
-    got = accumulate_gradients(model, passes, DistInfo(), torch.autocast("cpu", enabled=False),
-                                     lambda last: nullcontext())
-    assert got == pytest.approx(loss.item(), rel=1e-6)
+    run = SimpleNamespace(info=DistInfo(), objective=NextToken(), forward=model, model=model, wrapped=model,
+                          autocast=torch.autocast("cpu", enabled=False))
+    got = accumulate_gradients(run, passes)
+    assert got == {"loss": pytest.approx(loss.item(), rel=1e-6)}
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-7)
 

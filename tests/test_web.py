@@ -405,3 +405,40 @@ def test_knowledge_base_switch_citation_links_and_decline(browser, open_page, to
         assert plain.locator(".sources").count() == 0 and "Sources:" not in plain.locator(".content").inner_text()
         page.reload()   # the sources are kept with the conversation
         expect(page.locator(".msg.assistant").first.locator(".sources li").first).to_contain_text("30 days")
+
+
+def test_thumbs_and_edit_reach_the_feedback_store(open_page, tokenizer, tmp_path):
+    from picochat.data.feedback import FeedbackStore
+    db = tmp_path / "feedback.db"
+    with LiveServer(lambda: scripted_engine(tokenizer), "scripted", feedback_db=db) as server:
+        server.wait_loaded()
+        page = open_page(server)
+        reply = send(page, "hello?")
+        good, bad = reply.get_by_role("button", name="Good reply"), reply.get_by_role("button", name="Bad reply")
+        expect(good).to_have_attribute("aria-pressed", "false")
+        bad.click()
+        expect(bad).to_have_attribute("aria-pressed", "true")
+        expect(good).to_have_attribute("aria-pressed", "false")
+
+        reply.get_by_role("button", name="Edit this reply").click()
+        editor = reply.locator(".editor textarea")
+        expect(editor).to_have_value(HELLO)
+        editor.fill("Hello! I am picochat: ask me anything.")
+        reply.get_by_role("button", name="Save").click()
+        expect(reply.locator(".content")).to_have_text("Hello! I am picochat: ask me anything.")
+        expect(reply.locator(".edited-mark")).to_have_text("edited")
+        expect(bad).to_have_attribute("aria-pressed", "true")
+        [entry] = FeedbackStore(db).entries()
+        assert (entry.rating, entry.edited, entry.reply) == ("down", "Hello! I am picochat: ask me anything.", HELLO)
+        assert entry.messages == [{"role": "user", "content": "hello?"}] and entry.model == "scripted"
+        assert entry.response_id == stored(page)[0]["messages"][1]["id"]
+
+        page.reload()   # the rating and the edit are kept with the conversation
+        reply = page.locator(".msg.assistant").last
+        expect(reply.get_by_role("button", name="Bad reply")).to_have_attribute("aria-pressed", "true")
+        expect(reply.locator(".edited-mark")).to_have_text("edited")
+        server.state.replies.clear()   # as a restarted server: it no longer knows the reply
+        reply.get_by_role("button", name="Good reply").click()
+        expect(reply.locator(".feedback-error")).to_contain_text("no reply with the id")
+        expect(reply.get_by_role("button", name="Good reply")).to_have_attribute("aria-pressed", "false")
+        expect(send(page, "xss").locator(".content strong")).to_have_text("bold")   # the page goes on

@@ -11,12 +11,13 @@ import sys
 import warnings
 
 from .. import __version__
-from . import ask, chat, code, data, evaluate, generate, info, kb, ls, merge, pull, quantize, serve, sft, summarize, train
+from . import (ask, chat, code, data, dpo, evaluate, feedback, generate, info, kb, ls, merge, pull, quantize, rl, serve,
+               sft, summarize, train, tune)
 
 COMMANDS = {  # in the order `picochat --help` lists them
     "chat": chat, "generate": generate, "info": info, "quantize": quantize, "serve": serve, "kb": kb,
     "ask": ask, "summarize": summarize, "code": code, "eval": evaluate, "pull": pull, "ls": ls, "data": data,
-    "train": train, "sft": sft, "merge": merge,
+    "train": train, "sft": sft, "dpo": dpo, "rl": rl, "merge": merge, "feedback": feedback, "tune": tune,
 }
 
 

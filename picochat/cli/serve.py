@@ -22,6 +22,9 @@ def add_arguments(p):
     p.add_argument("--kb", action="append", default=[], metavar="NAME",
                    help="ground chat replies in this knowledge base (repeatable; the first is the default, a "
                         "request's \"kb\" field picks another or false for none)")
+    p.add_argument("--base-only", action="store_true",
+                   help="serve -m as it is: not the adapter `picochat tune` approved for it, and no swap when "
+                        "another is approved (without --adapter, serve follows `picochat tune` by default)")
     add_min_similarity(p)
 
 
@@ -32,13 +35,33 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_id = served_name(args)
+    watch = adapter_watch(args)
     app = create_app(lambda: open_engine(args),  # called on the server's engine thread, which does all model work
                      model_id, api_key=args.api_key, max_batch=args.parallel, max_queue=args.queue,
-                     max_len=args.ctx_size, request_timeout=args.timeout, knowledge=server_knowledge(args))
-    print(f"picochat serving '{model_id}' on http://{args.host}:{args.port}  (chat page at /, API at /v1)"
+                     max_len=args.ctx_size, request_timeout=args.timeout, knowledge=server_knowledge(args),
+                     watch=watch)
+    tuned = f" with adapter {watch.name(watch.served())}" if watch is not None and watch.served() else ""
+    print(f"picochat serving '{model_id}'{tuned} on http://{args.host}:{args.port}  (chat page at /, API at /v1)"
           + (f"; answering from knowledge base(s): {', '.join(args.kb)}" if args.kb else ""), file=sys.stderr)
     serve(app, host=args.host, port=args.port)  # on SIGTERM: in-flight streams finish or end cleanly
     return 0
+
+
+def adapter_watch(args):
+    """Serving what `picochat tune --from-feedback` approved for -m, swapped in when that changes (None: with
+    --adapter or --base-only, the model is served as given)."""
+    import argparse
+
+    from ..apps import tuned
+    from ..serve.state import AdapterWatch
+    if args.adapter is not None or args.base_only:
+        return None
+    tuned.read_served(args.model)  # a damaged served.json fails now, with its name, not on the engine thread
+
+    def load(adapter):
+        return open_engine(argparse.Namespace(**{**vars(args), "adapter": None if adapter is None else str(adapter)}))
+    return AdapterWatch(served=lambda: tuned.served_adapter(args.model), load=load,
+                        name=lambda adapter: tuned.adapter_id(args.model, adapter))
 
 
 def served_name(args) -> str:

@@ -23,6 +23,12 @@ def add_arguments(p):
     p.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out (default 0.05)")
     p.add_argument("--max-conversations", type=count, default=0, metavar="N", help="use at most N (0 = all)")
     p.add_argument("--skip-malformed", action="store_true", help="leave out malformed records (counted)")
+    add_lora_args(p)
+    add_config_args(p, model_flags=False)
+
+
+def add_lora_args(p):
+    """--lora-* (full fine-tuning without them) and --resume: the flags every fine-tuning command has."""
     p.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train a LoRA adapter of rank R (0 = full)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 × rank)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
@@ -30,18 +36,22 @@ def add_arguments(p):
                    help="comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                    help="continue the run in --out-dir (same -m, --data and LoRA settings)")
-    add_config_args(p, model_flags=False)
+
+
+def lora_config(args):
+    """The LoRA settings of the --lora-* flags (None: full fine-tuning)."""
+    from ..model.lora import LoRAConfig
+    if not args.lora_rank:
+        return None
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    alpha = float(args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank)
+    return LoRAConfig(r=args.lora_rank, alpha=alpha, dropout=args.lora_dropout, target_modules=targets)
 
 
 def run(args) -> int:
     from ..data.conversations import LoadStats
-    from ..model.lora import LoRAConfig
     from ..train.sft import sft, sft_defaults
-    lora = None
-    if args.lora_rank:
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        alpha = float(args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank)
-        lora = LoRAConfig(r=args.lora_rank, alpha=alpha, dropout=args.lora_dropout, target_modules=targets)
+    lora = lora_config(args)
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     config = dataclasses.replace(sft_defaults(lora is not None), **given)
     stats = LoadStats()

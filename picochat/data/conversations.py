@@ -235,6 +235,14 @@ def fit_conversation(ids: np.ndarray, mask: np.ndarray, max_len: int):
     return ids[:ends[-1] + 1], mask[:ends[-1] + 1]
 
 
+def inputs_and_targets(ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of a batch of rows: y is x shifted by one, -100 where the next token is not trained on."""
+    ids = torch.from_numpy(ids)
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].clone()
+    y[~torch.from_numpy(mask[:, 1:])] = -100
+    return x, y
+
+
 class SFTStream:
     """Batches of conversations for the training loop (TokenStream's interface), resumable exactly.
 
@@ -312,10 +320,7 @@ class SFTStream:
         self.position += step
         if self.position + step > self.units:  # the next step would repeat rows: a new epoch
             self.position, self.epoch = 0, self.epoch + 1
-        ids = torch.from_numpy(ids)
-        x, y = ids[:, :-1].contiguous(), ids[:, 1:].clone()
-        y[~torch.from_numpy(mask[:, 1:])] = -100
-        return x, y
+        return inputs_and_targets(ids, mask)
 
     def state_dict(self) -> dict:
         return {"position": self.position, "epoch": self.epoch}

@@ -295,10 +295,13 @@ class GPT(nn.Module):
         cos_sin = table[:, positions].to(dtype)  # (2, B or 1, T, head_dim)
         return cos_sin[0][:, None], cos_sin[1][:, None]
 
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, last_only: bool = False):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, last_only: bool = False,
+                reduction: str = "mean"):
         """idx (B, T) token ids -> (logits, loss).
 
-        targets (B, T) gives the next-token loss (positions marked -100 are ignored).
+        targets (B, T) gives the next-token loss (positions marked -100 are ignored): their mean, or with
+        reduction="none" each position's −log p(y_t|x_<t) as a (B, T) float32 tensor, 0 where ignored —
+        the per-token log-probabilities preference tuning and RL sum over a reply.
         kv_cache continues each row from the positions it holds; last_only returns logits of the last
         position only.
         """
@@ -326,5 +329,8 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # L(θ) = E[−log p_θ(y|x)]: mean negative log-likelihood of each next token y given its prefix x
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100,
+                                   reduction=reduction)
+            if reduction == "none":
+                loss = loss.view(B, -1)
         return logits, loss

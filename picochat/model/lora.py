@@ -9,12 +9,14 @@ train: r·(in + out) numbers per adapted matrix instead of in·out.
 
     model = apply_lora(model, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
     merged = merge_lora(model)                          # plain nn.Linear layers again
+    with adapters_off(model): ...                       # the base model again, on the same weights
 
 Adapters are saved and read in PEFT's format by formats/peft.py.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -61,9 +63,12 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default initialisation
         nn.init.zeros_(self.lora_B.weight)                            # so the update starts at zero
+        self.enabled = True                                           # False: the base layer alone
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
         return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
@@ -105,6 +110,21 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         setattr(parent, attr, LoRALinear(linear, config.r, config.alpha, config.dropout))
     model.lora_config = config
     return model
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """Inside the block the model computes as its base does (every LoRA update skipped): the frozen reference
+    policy of preference tuning and RL, without a second copy of the weights in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, before):
+            m.enabled = was
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

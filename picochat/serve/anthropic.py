@@ -45,6 +45,7 @@ from .stream import json_response, streaming_response
 from .tool_protocol import MAX_CALL_ID_CHARS, MAX_DESCRIPTION_CHARS, MAX_TOOLS, NAME_PATTERN
 
 MAX_STOP_SEQUENCES = 8   # picochat's bound (each is held back from a stream until ruled out)
+ADAPTER_HEADER = "picochat-adapter"   # names the adapter that answered (`picochat tune`); "base": none
 
 
 # ----------------------------------------------------------------------------- the request
@@ -478,9 +479,11 @@ async def create_message(request: Request):
     prompt_ids, params = prepare(state, call)
     replies, events = await run_choices(state, request, prompt_ids, params, call.tools)
     head = new_message(state.model_id, len(prompt_ids))
+    adapter = {ADAPTER_HEADER: replies[0].adapter or "base"}   # Anthropic's shape has no field for it
     if body.stream:   # Anthropic's events are named (`event: message_start`) and end without [DONE]
-        return streaming_response(message_events(head, replies[0], events), named=True, error_body=error_body)
-    return json_response(await whole_message(head, replies[0], events))
+        return streaming_response(message_events(head, replies[0], events), named=True, error_body=error_body,
+                                  headers=adapter)
+    return json_response(await whole_message(head, replies[0], events), headers=adapter)
 
 
 async def count_message_tokens(request: Request):

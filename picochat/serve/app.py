@@ -3,6 +3,7 @@ error shape for every failure (Anthropic's under /v1/messages), and uvicorn with
 
     POST /v1/chat/completions   POST /v1/completions   POST /v1/embeddings     (openai.py)
     POST /v1/messages   POST /v1/messages/count_tokens                         (anthropic.py)
+    POST /v1/feedback                                                          (feedback.py)
     GET /v1/models   GET /v1/kb   GET /health   GET /metrics   GET /           (here)
 
 What a request becomes on its way to the engine and back is openai.py's; the typed bodies are
@@ -23,10 +24,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .anthropic import count_message_tokens, create_message
 from .anthropic import error_response as anthropic_error
+from .feedback import post_feedback
 from .knowledge import Knowledge
 from .openai import chat_completions, completions, embeddings
 from .protocol import MAX_BODY_BYTES, APIError, KnowledgeBase, KnowledgeBaseList, ModelCard, ModelList
-from .state import ServerState
+from .state import AdapterWatch, ServerState
 from .stream import json_response
 
 REQUEST_TIMEOUT = 600.0   # seconds a request may wait and generate before it ends with an error
@@ -39,7 +41,10 @@ async def health(request: Request):
     if state.batcher is None:
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
-    return {"status": "ok", "model": state.model_id}
+    answer = {"status": "ok", "model": state.model_id, "adapter": state.adapter_id}
+    if state.swap_error:  # an approved adapter that could not be swapped in: the model named here serves on
+        answer["adapter_error"] = state.swap_error
+    return answer
 
 
 async def list_models(request: Request):
@@ -137,6 +142,7 @@ ROUTES = [
     ("POST", "/v1/embeddings", embeddings),
     ("POST", "/v1/messages", create_message),
     ("POST", "/v1/messages/count_tokens", count_message_tokens),
+    ("POST", "/v1/feedback", post_feedback),
     ("GET", "/v1/kb", list_knowledge_bases),
     ("GET", "/v1/models", list_models),
     ("GET", "/health", health),
@@ -148,10 +154,13 @@ ROUTES = [
 
 def create_app(load_engine, model_id: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 64, max_len: int | None = None, request_timeout: float = REQUEST_TIMEOUT,
-               knowledge: Knowledge | None = None) -> FastAPI:
+               knowledge: Knowledge | None = None, feedback_db=None, watch: AdapterWatch | None = None) -> FastAPI:
     """The FastAPI app. load_engine() -> Engine is called once, on a background thread; `knowledge` holds
-    the knowledge bases (and embedding model) it answers from."""
-    state = ServerState(load_engine, model_id, api_key, max_batch, max_queue, max_len, request_timeout, knowledge)
+    the knowledge bases (and embedding model) it answers from; ratings go to the SQLite file `feedback_db`
+    (default: cache_dir()/feedback.db); with `watch`, the model serves the adapter `picochat tune` approved,
+    swapped in when that changes (and load_engine is not used)."""
+    state = ServerState(load_engine, model_id, api_key, max_batch, max_queue, max_len, request_timeout, knowledge,
+                        feedback_db, watch)
     app = FastAPI(title="picochat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.picochat = state
     app.add_exception_handler(APIError, api_error)
@@ -167,9 +176,7 @@ def create_app(load_engine, model_id: str, api_key: str | None = None, max_batch
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
     yield
-    batcher = app.state.picochat.batcher
-    if batcher is not None:  # stop the batcher thread with the server
-        batcher.close()
+    app.state.picochat.close()  # stop the batcher thread (and the adapter watch) with the server
 
 
 # --------------------------------------------------------------------------- running it

@@ -144,6 +144,7 @@ class ChoiceReply:
     tokens: int = 0                          # tokens generated when the last piece was reported
     sent_tokens: int = 0                     # tokens whose logprobs have been reported
     ended: bool = False
+    adapter: str | None = None               # the adapter of the model that wrote it (None: the base)
 
     def parse(self, piece: str) -> ParsedDelta:
         delta = self.parser.feed(piece) if self.parser else ParsedDelta(content=piece)
@@ -181,15 +182,15 @@ async def run_choices(state: ServerState, request: Request, prompt_ids: list[int
     def on_event(gen, piece):  # on the batcher thread
         loop.call_soon_threadsafe(queue.put_nowait, (gen, piece, len(gen.token_ids)))
     try:
-        handles = state.ready().submit_choices(prompt_ids, params, on_event, timeout=state.request_timeout)
+        handles, adapter = state.submit_choices(prompt_ids, params, on_event, timeout=state.request_timeout)
     except QueueFull as e:
         raise APIError(503, str(e), type="server_error", code="queue_full") from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
     names = {t.name for t in tools.tools} if tools and tools.calls_possible else None
     # under tools the grammar holds a ```json block opening the reply to a call: it streams as one
-    replies = [ChoiceReply(i, h.gen, ToolCallParser(names, fenced_calls=True) if names is not None else None)
-               for i, h in enumerate(handles)]
+    replies = [ChoiceReply(i, h.gen, ToolCallParser(names, fenced_calls=True) if names is not None else None,
+                           adapter=adapter) for i, h in enumerate(handles)]
     return replies, events_of(state, request, handles, replies, queue)
 
 

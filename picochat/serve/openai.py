@@ -203,9 +203,11 @@ def retrieval_of(grounding: assistant.Grounding | None) -> Retrieval | None:
     return Retrieval(kb=grounding.kb, **grounding.as_dict()) if grounding else None
 
 
-def response_head(prefix: str, model: str) -> dict:
-    """What a response and every chunk of its stream share: the id, the time it was made, the model."""
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+def response_head(prefix: str, model: str, adapter: str | None) -> dict:
+    """What a response and every chunk of its stream share: the id, the time it was made, the model and the
+    adapter that answered (system_fingerprint)."""
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
+            "system_fingerprint": adapter or "base"}
 
 
 def chat_message(reply: ChoiceReply, footer: str = "") -> ChatMessage:
@@ -238,10 +240,12 @@ def text_completion(head: dict, choices: list[CompletionChoice], usage=None) -> 
 
 
 async def chat_chunks(head: dict, replies: list[ChoiceReply], events: Events, body: ChatRequest, tokenizer,
-                      grounding: assistant.Grounding | None) -> AsyncIterator[ChatCompletionChunk]:
+                      grounding: assistant.Grounding | None, state: ServerState,
+                      adapter: str | None) -> AsyncIterator[ChatCompletionChunk]:
     """A streamed chat reply, per choice: the role (with tools possible, no empty content: a reply of only
     calls joins to content null), content pieces with their tokens' logprobs if asked, tool-call deltas,
-    the sources footer when grounded, the finish reason; then the usage if asked."""
+    the sources footer when grounded, the finish reason; then the usage if asked. A reply streamed to its
+    end is remembered for feedback before the stream ends."""
     for reply in replies:
         first = ChatDelta(role="assistant", content=None if reply.parser else "")
         yield chat_chunk(head, reply.index, first, retrieval=retrieval_of(grounding) if reply.index == 0 else None)
@@ -257,6 +261,10 @@ async def chat_chunks(head: dict, replies: list[ChoiceReply], events: Events, bo
             yield chat_chunk(head, reply.index, ChatDelta(tool_calls=tool_deltas(delta.calls)))
         if reply.ended:
             yield chat_chunk(head, reply.index, ChatDelta(), finish_reason=reply.finish_reason)
+    rated = replies[0]   # (not ended: the client left before the end of the stream)
+    if rated.ended and not rated.calls:
+        footer = assistant.footer_of(rated.content, grounding) if grounding else ""
+        remember_reply(state, head, body, rated.content + footer, adapter)
     if body.include_usage:
         yield ChatCompletionChunk(**head, choices=[], usage=usage_of(replies))
 
@@ -299,16 +307,17 @@ async def chat_completions(request: Request):
     state.ready()
     grounding = await ground_chat(state, body)
     if grounding is not None and grounding.declined:
-        return declined_reply(state, body, grounding)
+        return declined_reply(state, body, grounding, state.adapter_id)
     messages = assistant.grounded_messages(body.message_dicts(), grounding) if grounding else None
     call = chat_call(body, messages)
     await grammars_ready(state, call.json_mode or call.tools is not None)
     prompt_ids, params = prepare(state, call)
     replies, events = await run_choices(state, request, prompt_ids, params, call.tools)
-    head = response_head("chatcmpl", state.model_id)
+    adapter = replies[0].adapter   # the adapter of the model that took the request (one may be swapped in since)
+    head = response_head("chatcmpl", state.model_id, adapter)
     tokenizer = state.engine.tokenizer
     if body.stream:
-        return streaming_response(chat_chunks(head, replies, events, body, tokenizer, grounding))
+        return streaming_response(chat_chunks(head, replies, events, body, tokenizer, grounding, state, adapter))
     await finish(events)
     choices = []
     for r in replies:
@@ -316,16 +325,29 @@ async def chat_completions(request: Request):
         logprobs = chat_logprobs(tokenizer, r.gen.logprobs, body.top_logprobs) if body.logprobs else None
         choices.append(ChatChoice(index=r.index, message=chat_message(r, footer), logprobs=logprobs,
                                   finish_reason=r.finish_reason))
+    message = choices[0].message
+    remember_reply(state, head, body, None if message.tool_calls else message.content, adapter)
     return json_response(chat_completion(head, choices, usage_of(replies), timings_of(replies[0].gen),
                                          retrieval_of(grounding)))
+
+
+def remember_reply(state: ServerState, head: dict, body: ChatRequest, text: str | None, adapter: str | None):
+    """A finished chat reply's text (choice 0, as the client got it; None: only tool calls, nothing to rate)
+    kept in memory by the response's id, with the conversation as the client sent it, so that POST
+    /v1/feedback can name it. Nothing reaches the disk unless the user rates it."""
+    if text is not None:
+        conversation = [{"role": m["role"], "content": m["content"]} for m in body.message_dicts()]
+        state.remember(head["id"], conversation, text, state.model_id, adapter)
 
 
 NO_USAGE = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)   # a reply the model never ran for
 
 
-def declined_reply(state: ServerState, body: ChatRequest, grounding: assistant.Grounding):
-    """Nothing relevant in the knowledge base: the hand-off text, with no generation at all."""
-    head, retrieval = response_head("chatcmpl", state.model_id), retrieval_of(grounding)
+def declined_reply(state: ServerState, body: ChatRequest, grounding: assistant.Grounding, adapter: str | None):
+    """Nothing relevant in the knowledge base: the hand-off text, with no generation at all (rated as a reply:
+    "it should have answered" is feedback too)."""
+    head, retrieval = response_head("chatcmpl", state.model_id, adapter), retrieval_of(grounding)
+    remember_reply(state, head, body, grounding.decline_text, adapter)
     if body.stream:
         return streaming_response(declined_chunks(head, grounding.decline_text, retrieval, body.include_usage))
     choice = ChatChoice(index=0, message=ChatMessage(content=grounding.decline_text), finish_reason="stop")
@@ -349,7 +371,7 @@ async def completions(request: Request):
     await grammars_ready(state, answer_shape(body)[0])
     prompt_ids, params = completion_to_engine(state, body)
     replies, events = await run_choices(state, request, prompt_ids, params)
-    head = response_head("cmpl", state.model_id)
+    head = response_head("cmpl", state.model_id, replies[0].adapter)
     if body.stream:
         return streaming_response(completion_chunks(head, replies, events, body.include_usage))
     await finish(events)

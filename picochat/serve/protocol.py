@@ -43,6 +43,8 @@ MAX_EMBEDDING_INPUTS = 2048        # texts per embeddings request, as OpenAI all
 MAX_EMBEDDING_CHARS = 100_000      # per text (the encoder reads its first 256 tokens)
 MAX_EMBEDDING_TOKENS = 300_000     # per request, summed over its texts, as OpenAI allows
 EMBEDDING_SLICE_TOKENS = 1024      # encoded in one go between two decode steps (~0.5 s on 2 cores)
+MAX_RESPONSE_ID_CHARS = 256        # POST /v1/feedback: a chat completion's id ("chatcmpl-" + 32 hex digits)
+MAX_EDITED_CHARS = 64 * 1024       # POST /v1/feedback: the user's corrected reply
 
 
 class RequestError(ValueError):
@@ -288,6 +290,22 @@ class EmbeddingRequest(_Strict):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback (picochat's own): a rating of a chat reply this server gave, and the user's correction.
+    Unlike OpenAI's bodies, an unknown field is refused: a misspelt "edited" must not drop the user's edit."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    response_id: Annotated[str, Field(min_length=1, max_length=MAX_RESPONSE_ID_CHARS)]
+    rating: Literal["up", "down"]
+    edited: Annotated[str, Field(max_length=MAX_EDITED_CHARS)] | None = None
+
+    @field_validator("edited")
+    @classmethod
+    def _has_text(cls, edited):
+        if edited is not None and not edited.strip():
+            raise ValueError("the corrected reply is empty: leave 'edited' out to rate the reply as it is")
+        return edited
+
+
 def _is_token_ids(value) -> bool:
     return (isinstance(value, list) and len(value) > 0
             and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in value))
@@ -414,6 +432,7 @@ class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str = "base"   # the adapter that answered (`picochat tune`); "base": none
     choices: list[ChatChoice]
     usage: Usage
     timings: Timings | None = omitted_if_none()
@@ -440,6 +459,7 @@ class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str = "base"   # the adapter that answered (`picochat tune`); "base": none
     choices: list[ChunkChoice]
     usage: Usage | None = omitted_if_none()
     retrieval: Retrieval | None = omitted_if_none()   # on the first chunk
@@ -458,6 +478,7 @@ class Completion(_Response):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str = "base"   # the adapter that answered (`picochat tune`); "base": none
     choices: list[CompletionChoice]
     usage: Usage | None = omitted_if_none()   # on the response, and alone in a stream's usage chunk
 
@@ -503,6 +524,14 @@ class KnowledgeBaseList(_Response):
     """GET /v1/kb: picochat's own, in the shape of the models list."""
     object: Literal["list"] = "list"
     data: list[KnowledgeBase]
+
+
+class FeedbackStored(_Response):
+    """POST /v1/feedback's answer."""
+    id: str
+    object: Literal["feedback"] = "feedback"
+    rating: Literal["up", "down"]
+    stored: bool
 
 
 class ErrorDetail(_Response):

@@ -12,14 +12,15 @@ from pydantic import BaseModel
 from .protocol import APIError
 
 
-def json_response(body: BaseModel) -> JSONResponse:
-    return JSONResponse(body.model_dump())
+def json_response(body: BaseModel, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body.model_dump(), headers=headers)
 
 
 def streaming_response(chunks: AsyncIterable[BaseModel], named: bool = False,
-                       error_body: Callable[[APIError], BaseModel] | None = None) -> StreamingResponse:
+                       error_body: Callable[[APIError], BaseModel] | None = None,
+                       headers: dict | None = None) -> StreamingResponse:
     return StreamingResponse(sse_events(chunks, named, error_body), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+                             headers={"Cache-Control": "no-cache", **(headers or {})})
 
 
 async def sse_events(chunks: AsyncIterable[BaseModel], named: bool = False,

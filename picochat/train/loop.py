@@ -15,7 +15,8 @@ from the newest complete checkpoint, however the last process died (even SIGKILL
 Read it top to bottom as nanochat's base_train.py: `train` checks, `set_up` builds a Run (the model, its
 optimizers, the data and where the run stands), then each step is `train_step`, `evaluate_and_sample`,
 `log_record` and `maybe_checkpoint`. Targets equal to -100 are ignored, and only parameters with
-requires_grad are trained, so the same loop serves chat fine-tuning (masked prompts) and LoRA.
+requires_grad are trained, so the same loop serves chat fine-tuning (masked prompts) and LoRA. What a
+step minimises is its objective: the next-token loss here (NextToken), preference pairs in dpo.py.
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ class Run:
     total_steps: int                      # 0: the run is bounded by time only
     result: TrainResult
     finetune: object | None = None
+    objective: object = None              # NextToken() or dpo.DPO(...): the loss of a batch, validation
     step: int = 0
     tokens: int = 0
     elapsed_before: float = 0.0           # seconds of the runs this one resumes
@@ -112,9 +114,33 @@ class Run:
         return final or (interval > 0 and self.step % interval == 0)
 
 
+class NextToken:
+    """The objective of pretraining and SFT: L(θ) = E[−log p_θ(y|x)] over the targets that are not -100.
+
+    An objective is what the loop asks of a batch: weight(batch) (how many units its mean is over),
+    loss(forward, model, batch) -> (mean loss, {statistic: mean tensor}), and validate(model, batches, run,
+    reduce) -> the record's val_* entries (val_loss at least).
+    """
+
+    def weight(self, batch) -> int:
+        return int((batch[1] != -100).sum())
+
+    def loss(self, forward, model, batch):
+        x, y = batch
+        logits, loss = forward(x, y)
+        if not (y != -100).any():  # nothing to learn from this pass, but every process must still run backward
+            loss = logits.float().sum() * 0.0
+        return loss, {}
+
+    def validate(self, model, batches, run, reduce) -> dict:
+        val_loss, val_bpb = validation_loss(model, batches, run.token_bytes, run.autocast, reduce=reduce)
+        return {"val_loss": val_loss, "val_bpb": val_bpb}
+
+
 # ----------------------------------------------------------------------------- the run
 def train(config: TrainConfig, model_config: ModelConfig, resume=None,
-          on_record: Callable[[dict], None] | None = None, stream=TokenStream, finetune=None) -> TrainResult:
+          on_record: Callable[[dict], None] | None = None, stream=TokenStream, finetune=None,
+          objective=None) -> TrainResult:
     """Train a model on a prepared dataset; `picochat train` is this function.
 
     resume: None (a new run: out_dir must not hold one), True (the newest complete checkpoint in out_dir:
@@ -126,7 +152,8 @@ def train(config: TrainConfig, model_config: ModelConfig, resume=None,
     one, reads its dataset's meta.json instead of data.tokens.read_meta). finetune, for fine-tuning a
     pretrained model (sft.FineTune), gives the model instead of a random one: .model_config, .build_model(),
     and the checkpoint weights: .save_weights(folder, state_dict, tokenizer), .load_weights(folder) -> state
-    dict (for LoRA: only the adapter). Bad input raises before anything is written.
+    dict (for LoRA: only the adapter). objective (default NextToken()): what each batch's loss is and how a
+    validation scores (see NextToken for its interface). Bad input raises before anything is written.
     """
     tokenizer, model_config, ckpt = check_run(config, model_config, resume, stream, finetune)
     threads_before = torch.get_num_threads()
@@ -134,7 +161,7 @@ def train(config: TrainConfig, model_config: ModelConfig, resume=None,
         torch.set_num_threads(config.threads)
     info = init_distributed(config)
     try:
-        run = set_up(config, model_config, tokenizer, ckpt, info, stream, finetune)
+        run = set_up(config, model_config, tokenizer, ckpt, info, stream, finetune, objective or NextToken())
         return run_steps(run, on_record, resumed=ckpt is not None)
     finally:
         torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
@@ -180,7 +207,7 @@ def model_config_for(tokenizer: Tokenizer, model_config: ModelConfig, config: Tr
 
 
 def set_up(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer, ckpt: Path | None,
-           info: DistInfo, stream, finetune=None) -> Run:
+           info: DistInfo, stream, finetune=None, objective=None) -> Run:
     """The model (fresh and seeded, so every rank starts identical, or the checkpoint's), its optimizers, the
     data, and where the run stands — all restored exactly when resuming."""
     grad_accum, step_tokens, total_steps = step_sizes(config, info)
@@ -207,7 +234,8 @@ def set_up(config: TrainConfig, model_config: ModelConfig, tokenizer: Tokenizer,
               autocast=torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
               train_data=train_data, val_data=val_data, n_eval=n_eval, token_bytes=token_bytes,
               grad_accum=grad_accum, step_tokens=step_tokens, total_steps=total_steps,
-              result=TrainResult(Path(config.out_dir), ckpt, 0, 0, 0.0, rank=info.rank), finetune=finetune)
+              result=TrainResult(Path(config.out_dir), ckpt, 0, 0, 0.0, rank=info.rank), finetune=finetune,
+              objective=objective or NextToken())
     if saved is not None:
         restore_optimizers(run, saved)
     open_metrics(run, resumed=ckpt is not None)
@@ -348,7 +376,8 @@ def train_step(run: Run) -> dict:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_factor
     batches = [run.train_data.next_batch() for _ in range(run.grad_accum)]
-    loss = accumulate_gradients(run.forward, batches, run.info, run.autocast, lambda last: sync_gradients(run, last))
+    stats = accumulate_gradients(run, batches)
+    loss = stats.pop("loss")
     grad_norm = None
     if config.grad_clip > 0:
         norm = nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], config.grad_clip)
@@ -363,34 +392,35 @@ def train_step(run: Run) -> dict:
     if not math.isfinite(loss):
         raise RuntimeError(f"the loss became {loss} at step {run.step}: lower --lr or check the data")
     run.result.loss, run.result.tokens_per_s = loss, run.step_tokens / dt
-    record = {"loss": loss, "lr": lr_factor * config.lr, "grad_norm": grad_norm, "tokens": run.tokens,
+    record = {"loss": loss, **stats, "lr": lr_factor * config.lr, "grad_norm": grad_norm, "tokens": run.tokens,
               "tokens_per_s": run.step_tokens / dt, "elapsed": run.elapsed()}
     if config.optimizer == "muon":
         record["muon_lr"] = lr_factor * config.muon_lr
     return record
 
 
-def accumulate_gradients(forward, batches, info: DistInfo, autocast, sync_context) -> float:
-    """Forward and backward over one step's passes (x, y); returns the step's loss.
+def accumulate_gradients(run: Run, batches: list) -> dict:
+    """Forward and backward over one step's passes; returns the step's loss and the objective's statistics.
 
-    The gradient is that of the mean loss over every valid target (not -100) of the global batch,
-    wherever the masked targets fall among passes and processes: each pass's mean loss is weighted by
-    its share of the valid targets. sync_context(last) holds back the gradient all-reduce until the last pass.
+    The gradient is that of the mean loss over every unit the objective counts (valid targets, pairs) of
+    the global batch, wherever they fall among passes and processes: each pass's mean loss is weighted by
+    its share of the units. The gradient all-reduce is held back until the last pass.
     """
-    counts = [int((y != -100).sum()) for _, y in batches]
+    info, objective = run.info, run.objective
+    counts = [objective.weight(batch) for batch in batches]
     n_valid = int(all_reduce_sum(torch.tensor([sum(counts)], dtype=torch.float64, device=info.device), info).item())
-    loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
-    for i, ((x, y), n) in enumerate(zip(batches, counts)):
-        x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-        with sync_context(i == len(batches) - 1):
-            with autocast:
-                logits, loss = forward(x, y)
-            if n == 0:  # nothing to learn from this pass, but every process must still run backward
-                loss = logits.float().sum() * 0.0
+    sums = {}
+    for i, (batch, n) in enumerate(zip(batches, counts)):
+        batch = tuple(t.to(info.device, non_blocking=True) for t in batch)
+        with sync_gradients(run, i == len(batches) - 1):
+            with run.autocast:
+                loss, stats = objective.loss(run.forward, run.model, batch)
             # DDP and FSDP average gradients over processes: scaling by world_size makes that a sum
             (loss * (n * info.world_size / max(n_valid, 1))).backward()
-        loss_sum += loss.detach().double() * n
-    return float(all_reduce_sum(loss_sum, info).item() / max(n_valid, 1))
+        for name, value in {"loss": loss.detach(), **stats}.items():
+            sums[name] = sums.get(name, 0.0) + value.double() * n
+    totals = all_reduce_sum(torch.stack(list(sums.values())), info) / max(n_valid, 1)
+    return dict(zip(sums, totals.tolist()))
 
 
 def sync_gradients(run: Run, last: bool):
@@ -407,11 +437,10 @@ def evaluate_and_sample(run: Run, record: dict, final: bool):
     """Validation loss and bits per byte (at the start too), and a text sample, when due: into `record`."""
     config, result = run.config, run.result
     if run.val_data is not None and (run.step == 0 or run.due(config.eval_interval, final)):
-        run.val_data.load_state_dict({"position": 0, "epoch": 0})  # the same validation tokens every time
-        record["val_loss"], record["val_bpb"] = validation_loss(
-            run.model, (run.val_data.next_batch() for _ in range(run.n_eval)), run.token_bytes, run.autocast,
-            reduce=lambda totals: all_reduce_sum(totals, run.info))
-        result.val_loss, result.val_bpb = record["val_loss"], record["val_bpb"]
+        run.val_data.load_state_dict({"position": 0, "epoch": 0})  # the same validation data every time
+        record.update(run.objective.validate(run.model, [run.val_data.next_batch() for _ in range(run.n_eval)],
+                                             run, reduce=lambda totals: all_reduce_sum(totals, run.info)))
+        result.val_loss, result.val_bpb = record["val_loss"], record.get("val_bpb")
     if run.step > 0 and run.due(config.sample_interval, final) and config.sample_tokens > 0:
         sampler = sampling_model(run)
         if run.info.is_main:

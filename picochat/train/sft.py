@@ -19,7 +19,7 @@ import torch
 
 from ..data.conversations import LoadStats, SFTStream, load_conversations, prepare_sft
 from ..formats.hf import load_hf_folder, save_hf_folder
-from ..formats.peft import read_adapter, write_adapter
+from ..formats.peft import load_adapter_weights, read_adapter, write_adapter
 from ..hub import DEFAULT_MODEL
 from ..load import build_model, load
 from ..model.config import ModelConfig
@@ -38,12 +38,15 @@ class FineTune:
     base_state: dict                      # the base model's weights (picochat names, float32)
     base_name: str                        # how the base was given (-m), recorded in adapters
     lora: LoRAConfig | None = None
+    start: dict | None = None             # LoRA weights to begin from (an SFT adapter that DPO goes on with)
 
     def build_model(self) -> GPT:
         model = build_model(self.model_config, {k: v.clone() for k, v in self.base_state.items()},
                             torch.float32, self.base_name)
         if self.lora is not None:
             apply_lora(model, self.lora)
+        if self.start is not None:
+            load_adapter_weights(model, self.start, "the adapter to start from")
         return model
 
     def save_weights(self, folder, state_dict: dict, tokenizer: Tokenizer):
@@ -83,13 +86,26 @@ def sft(base: str, data, config, lora: LoRAConfig | None = None, packing: str = 
     out_dir/data, where the encoded conversations are written (and reused by a resumed run).
     Returns train.TrainResult.
     """
+    loaded, config, finetune = start_finetune(base, config, lora, resume)
+    if needs_data(config, resume):
+        conversations = load_conversations(data, skip_malformed, max_conversations, stats)
+        prepare_sft(conversations, loaded.tokenizer, config.data_dir, val_fraction, packing, config.seed,
+                    [data] if isinstance(data, str) else list(data))
+    del loaded
+    return train(config, finetune.model_config, resume=resume, on_record=on_record, stream=SFTStream,
+                 finetune=finetune)
+
+
+def start_finetune(base: str, config, lora: LoRAConfig | None, resume):
+    """What every fine-tuning (SFT, DPO) does first: check the run, load the base as float weights to train.
+    Returns (the loaded base, config with data_dir = out_dir/data and a chat sample prompt, FineTune)."""
     if lora is not None:
         lora.validate()
     out_dir = Path(config.out_dir)
     if resume in (None, False) and holds_run(out_dir):  # refused before its data/ is rewritten
         raise ValueError(f"{out_dir} already holds a training run (its checkpoints and 'latest'): pass --resume "
                          f"to continue it, or choose another --out-dir")
-    loaded = load(base, dtype=torch.float32, quantized=False, fuse=False)  # float weights to train
+    loaded = load(base, dtype=torch.float32, quantized=False, fuse=False, draft=None)  # float weights to train
     model_config = loaded.model.config
     if lora is not None and model_config.architecture == "gpt2":
         raise ValueError("LoRA fine-tuning of GPT-2 models is not supported (PEFT adapters need Hugging Face's "
@@ -98,15 +114,13 @@ def sft(base: str, data, config, lora: LoRAConfig | None = None, packing: str = 
         raise ValueError(f"{base}: the model's tokenizer has no chat template to render conversations with")
     # the adapter names its base: the exact checkpoint (a run folder's `latest` may move on), or a packaged name
     base_name = str(loaded.path.resolve()) if base is not None and Path(base).exists() else (base or DEFAULT_MODEL)
-    data_dir = out_dir / "data"
-    seq_len = min(config.seq_len, model_config.max_seq_len)
     messages = [{"role": "user", "content": "Hello! What can you do?"}]
-    config = dataclasses.replace(config, data_dir=str(data_dir), seq_len=seq_len,
+    config = dataclasses.replace(config, data_dir=str(out_dir / "data"), seq_len=min(config.seq_len,
+                                                                                     model_config.max_seq_len),
                                  sample_prompt=config.sample_prompt or loaded.tokenizer.apply_chat_template(messages))
-    if not (resume not in (None, False) and (data_dir / "meta.json").is_file()):
-        conversations = load_conversations(data, skip_malformed, max_conversations, stats)
-        prepare_sft(conversations, loaded.tokenizer, data_dir, val_fraction, packing, config.seed,
-                    [data] if isinstance(data, str) else list(data))
-    finetune = FineTune(model_config, loaded.model.state_dict(), base_name, lora)
-    del loaded
-    return train(config, model_config, resume=resume, on_record=on_record, stream=SFTStream, finetune=finetune)
+    return loaded, config, FineTune(model_config, loaded.model.state_dict(), base_name, lora)
+
+
+def needs_data(config, resume) -> bool:
+    """A new run prepares its data folder; a resumed one reuses it when it is there."""
+    return not (resume not in (None, False) and (Path(config.data_dir) / "meta.json").is_file())
