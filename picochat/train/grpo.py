@@ -38,12 +38,12 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
-from ..atomic import atomic_write, fsync_dir, fsync_tree
+from ..atomic import fsync_dir, fsync_tree
 from ..engine.engine import Engine
 from ..engine.sampling import SamplingParams
 from ..model.lora import LoRAConfig, adapters_off, lora_state_dict
 from .config import TrainConfig
-from .metrics import read_metrics
+from .metrics import plot_curve
 from .optim import lr_schedule, make_optimizers
 from .rl_tasks import TASKS, Task, TaskScore, evaluate_tasks, generate_all, rewards_of, task_sets
 from .sft import FineTune, start_finetune
@@ -405,27 +405,6 @@ def save_weights(run: GRPORun) -> Path:
 
 
 def reward_png(metrics_path: Path, png_path: Path) -> Path:
-    """Mean rollout reward per step and the held-out reward, as a PNG (matplotlib's Agg canvas)."""
-    from matplotlib.figure import Figure
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["reward"]) for r in records if "reward" in r]
-    held_out = [(r["step"], r["eval_reward"]) for r in records if "eval_reward" in r]
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    ax = fig.add_subplot()
-    if train:
-        steps, values = zip(*train)
-        ax.plot(steps, values, lw=0.6, alpha=0.35, color="C0", label="rollout reward (sampled)")
-        smooth, avg = [], values[0]
-        for v in values:   # an exponential moving average: one step's few prompts make a noisy mean
-            avg = 0.8 * avg + 0.2 * v
-            smooth.append(avg)
-        ax.plot(steps, smooth, lw=1.5, color="C0", label="rollout reward (moving average)")
-    if held_out:
-        ax.plot(*zip(*held_out), "o-", lw=1.5, color="C1", label="held-out reward (greedy)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return atomic_write(png_path, lambda p: fig.savefig(p, format="png"))
+    """Mean rollout reward per step (a few prompts each: a noisy mean, smoothed) and the held-out reward."""
+    return plot_curve(metrics_path, png_path, ("reward", "rollout reward (sampled)"),
+                      ("eval_reward", "held-out reward (greedy)"), "mean reward", smoothing=0.8, ylim=(-0.02, 1.02))

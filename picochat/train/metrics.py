@@ -18,25 +18,36 @@ def read_metrics(path) -> list[dict]:
 
 
 def plot_losses(metrics_path, png_path) -> Path:
-    """Train and validation loss against step, as a PNG (matplotlib's Agg canvas: no display needed)."""
+    """Train and validation loss against step, as a PNG."""
+    return plot_curve(metrics_path, png_path, ("loss", "train loss"), ("val_loss", "val loss"),
+                      "loss (nats per token)")
+
+
+def plot_curve(metrics_path, png_path, train: tuple[str, str], held_out: tuple[str, str], ylabel: str,
+               smoothing: float = 0.95, ylim: tuple[float, float] | None = None) -> Path:
+    """A metric of every step (its key and label in `train`), with an exponential moving average (one batch's
+    value is noisy), and its held-out measurements, against step: a PNG drawn on matplotlib's Agg canvas (no
+    display needed)."""
     from matplotlib.figure import Figure
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    steps_values = [(r["step"], r[train[0]]) for r in records if train[0] in r]
+    measured = [(r["step"], r[held_out[0]]) for r in records if held_out[0] in r]
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.add_subplot()
-    if train:
-        steps, values = zip(*train)
-        ax.plot(steps, values, lw=0.6, alpha=0.3, color="C0", label="train loss")
+    if steps_values:
+        steps, values = zip(*steps_values)
+        ax.plot(steps, values, lw=0.6, alpha=0.3, color="C0", label=train[1])
         smooth, avg = [], values[0]
-        for v in values:  # an exponential moving average: one batch's loss is noisy
-            avg = 0.95 * avg + 0.05 * v
+        for v in values:
+            avg = smoothing * avg + (1 - smoothing) * v
             smooth.append(avg)
-        ax.plot(steps, smooth, lw=1.5, color="C0", label="train loss (moving average)")
-    if val:
-        ax.plot(*zip(*val), "o-", lw=1.5, color="C1", label="val loss")
+        ax.plot(steps, smooth, lw=1.5, color="C0", label=f"{train[1]} (moving average)")
+    if measured:
+        ax.plot(*zip(*measured), "o-", lw=1.5, color="C1", label=held_out[1])
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
