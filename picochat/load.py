@@ -31,6 +31,7 @@ from .hub import (DEFAULT_EMBEDDING, EMBEDDING_MODELS, ModelNotFound, embedding_
 from .model.config import ModelConfig
 from .model.encoder import SentenceEncoder
 from .model.gpt import GPT
+from .model.lora import LoRAConfig, LowRankAdded
 from .paths import cache_dir
 from .quant.layers import (PROMPT_ACT_BITS, choose_prompt_bits, fuse_linears, use_dense_rows,
                            use_prompt_activation_bits)
@@ -84,25 +85,28 @@ def load(model: str | None = None, dtype="auto", adapter=None, quantized: bool =
     "auto" is the known model's paired draft when it is installed (Qwen2.5-Coder-1.5B: the 0.5B), a -m
     argument names one, None loads none.
 
-    adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors) to fold
-    into the base model's weights (the base then loads as float). A -m pointing at an adapter folder (or
-    none, with an adapter) loads the base the adapter names (base_model_name_or_path: a path, relative to
-    the adapter folder or not, or a packaged name).
+    adapter: a LoRA adapter folder (PEFT format: adapter_config.json + adapter_model.safetensors): folded
+    into float weights, or kept beside quantized ones (`attach_adapter`), which stay on the integer kernel.
+    A -m pointing at an adapter folder (or none, with an adapter) loads the base the adapter names
+    (base_model_name_or_path: a path, relative to the adapter folder or not, or a packaged name).
     """
     path, adapter = resolve_with_adapter(model, adapter)
     has_codes = path.is_file() or is_packed_folder(path)  # only GGUF files and packed folders hold integer codes
-    keep_quantized = quantized and adapter is None and has_codes and kernels.available()
+    keep_quantized = quantized and has_codes and kernels.available()
     act, why = _activation_dtype(dtype, keep_quantized)
+    fold = None if keep_quantized else adapter   # an adapter is folded into float weights, else kept beside
     if is_packed_folder(path):
-        loaded = _load_packed_folder(path, adapter, act, why)
+        loaded = _load_packed_folder(path, act, why)
     else:
         cached = _load_cached(path, fuse, act, why) if keep_quantized and cache and path.is_file() else None
-        loaded = cached or _convert(path, adapter, keep_quantized, act, why, fuse, cache)
+        loaded = cached or _convert(path, fold, keep_quantized, act, why, fuse, cache)
+    if adapter is not None and fold is None:
+        attach_adapter(loaded.model, *read_adapter(adapter, loaded.model.config)[:2])
     loaded = _set_up_for_this_cpu(loaded, fuse)
     if prompt_bits is not None and loaded.weights == "quantized":
         use_prompt_activation_bits(loaded.model, prompt_bits)
-    if draft == "auto":
-        draft = paired_draft(path) if adapter is None and fuse else None
+    if draft == "auto":  # (the base's paired draft guesses for an adapted model too: the check keeps it exact)
+        draft = paired_draft(path) if fuse else None
     if draft is not None:
         drafter = load(draft, dtype, quantized=quantized, cache=cache, draft=None, prompt_bits=prompt_bits)
         if drafter.model.config.vocab_size != loaded.model.config.vocab_size or \
@@ -131,9 +135,7 @@ def _set_up_for_this_cpu(loaded: LoadedModel, fuse: bool) -> LoadedModel:
     return loaded
 
 
-def _load_packed_folder(path: Path, adapter, act, why) -> LoadedModel:
-    if adapter is not None:
-        raise ModelNotFound(f"{path} is a packed (quantized) model; apply a LoRA adapter to its float base")
+def _load_packed_folder(path: Path, act, why) -> LoadedModel:
     if not kernels.available():
         raise RuntimeError(f"{path} is a packed (quantized) model, which needs picochat's compiled kernel: "
                            f"{kernels.status().get('error', '')}")
@@ -210,6 +212,56 @@ def fuse_projections(model: GPT) -> GPT:
             m.gate_up_proj = fused
             del m.gate_proj, m.up_proj
     return model
+
+
+# the projections fuse_projections joins, and their parts in the order they are joined
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def attach_adapter(model: GPT, config: LoRAConfig, tensors: dict) -> GPT:
+    """A LoRA adapter (picochat-named tensors, formats.peft.read_adapter) beside the model's weights as they
+    are: quantized layers keep their codes and their kernel (model.lora.LowRankAdded). A projection fused for
+    generation gets its parts' updates stacked: W_qkv x + B A x with A = [A_q; A_k; A_v] and B block-diagonal
+    (zero rows for a part the adapter leaves alone), which is q, k and v each with its own update."""
+    updates = {}
+    for name in sorted({k.partition(".lora_")[0] for k in tensors}):
+        A, B = tensors.get(name + ".lora_A.weight"), tensors.get(name + ".lora_B.weight")
+        if A is None or B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise CheckpointError(f"the adapter's {name} lacks lora_A/lora_B or their shapes do not fit each other")
+        updates[name] = (A.float(), B.float() * config.scaling)
+    for i, block in enumerate(model.layers):
+        for owner, prefix in ((block.attn, f"layers.{i}.attn."), (block.mlp, f"layers.{i}.mlp.")):
+            for attr, layer in list(owner.named_children()):
+                parts = FUSED_PARTS.get(attr, (attr,))
+                found = {p: updates.pop(prefix + p) for p in parts if prefix + p in updates}
+                if found:
+                    setattr(owner, attr, _stacked_update(layer, parts, found, model.config, prefix))
+    if updates:
+        raise CheckpointError(f"the adapter's {next(iter(updates))} names no layer of this model: "
+                              f"is it for this base model?")
+    return model
+
+
+def _stacked_update(layer, parts: tuple, found: dict, config: ModelConfig, prefix: str) -> LowRankAdded:
+    """One LowRankAdded for a layer holding `parts` (one, or the parts of a fused projection) side by side."""
+    kv = config.n_kv_head * config.head_dim
+    sizes = {"q_proj": config.n_head * config.head_dim, "k_proj": kv, "v_proj": kv,
+             "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size}
+    outs = [sizes[p] for p in parts] if len(parts) > 1 else [layer.out_features]
+    A = torch.cat([a for a, _ in found.values()])
+    B = torch.zeros(layer.out_features, A.shape[0])
+    row, col = 0, 0
+    for part, out in zip(parts, outs):
+        if part in found:
+            a, b = found[part]
+            if a.shape[1] != layer.in_features or b.shape[0] != out:
+                raise CheckpointError(f"the adapter's {prefix + part} has shapes A {tuple(a.shape)}, B "
+                                      f"{tuple(b.shape)}, which do not fit the base layer ({layer.in_features} "
+                                      f"in, {out} out): is it for this base model?")
+            B[row:row + out, col:col + a.shape[0]] = b
+            col += a.shape[0]
+        row += out
+    return LowRankAdded(layer, A, B)
 
 
 def _cached_conversion(path: Path, fuse: bool, create: bool = False) -> Path | None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from picochat.model.config import ModelConfig
-from picochat.formats.hf import save_hf_folder
+from picochat.formats.hf import CheckpointError, save_hf_folder
 from picochat.model.gpt import GPT
 from picochat import hub
 from picochat.formats import peft as peft_format
@@ -77,6 +77,64 @@ def test_merging_gives_the_same_logits_as_base_plus_adapter():
         assert not any(isinstance(m, lora.LoRALinear) for m in merged.modules())
         assert set(merged.state_dict()) == set(tiny_model().state_dict())
         torch.testing.assert_close(merged(X)[0], before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [ALL, ("q_proj", "v_proj", "up_proj")])
+def test_an_adapter_kept_beside_fused_projections_computes_what_the_lora_model_does(targets):
+    # q|k|v and gate|up fused as for generation: each part's update stacked (a part left alone gets zeros)
+    from picochat.load import attach_adapter, fuse_projections
+    model = adapted(targets=targets)
+    fused = fuse_projections(tiny_model())
+    assert fused.layers[0].attn.qkv_proj is not None and fused.layers[0].mlp.gate_up_proj is not None
+    attach_adapter(fused, model.lora_config, lora.lora_state_dict(model))
+    assert isinstance(fused.layers[1].attn.qkv_proj, lora.LowRankAdded)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(X)[0], model(X)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapter_that_does_not_fit_the_model_is_refused_by_name():
+    from picochat.load import attach_adapter, fuse_projections
+    model = adapted(targets=("q_proj", "down_proj"))
+    tensors = lora.lora_state_dict(model)
+    wrong = dict(tensors, **{"layers.1.mlp.down_proj.lora_B.weight": torch.zeros(31, 4)})
+    with pytest.raises(CheckpointError, match="layers.1.mlp.down_proj has shapes"):
+        attach_adapter(fuse_projections(tiny_model()), model.lora_config, wrong)
+    extra = dict(tensors, **{"layers.7.attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+                             "layers.7.attn.q_proj.lora_B.weight": torch.zeros(32, 4)})
+    with pytest.raises(CheckpointError, match="layers.7.attn.q_proj names no layer"):
+        attach_adapter(fuse_projections(tiny_model()), model.lora_config, extra)
+    half = {k: v for k, v in tensors.items() if k != "layers.0.attn.q_proj.lora_B.weight"}
+    with pytest.raises(CheckpointError, match="layers.0.attn.q_proj lacks lora_A/lora_B"):
+        attach_adapter(fuse_projections(tiny_model()), model.lora_config, half)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_an_adapter_on_a_quantized_model_keeps_its_integer_codes_and_the_adapters_numbers(smollm2_path, tmp_path, fuse):
+    from picochat import kernels
+    from picochat.quant.layers import QLinear
+    if not kernels.available():
+        pytest.skip("picochat's kernel is not built here")
+    base = load(str(smollm2_path), quantized=False, fuse=False, dtype="float32", draft=None).model
+    model = lora.apply_lora(base, lora.LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj")))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    peft_format.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(smollm2_path))
+    kept = load(str(smollm2_path), adapter=str(tmp_path / "adapter"), fuse=fuse, draft=None)
+    folded = load(str(smollm2_path), adapter=str(tmp_path / "adapter"), quantized=False, dtype="float32", draft=None)
+    plain = load(str(smollm2_path), fuse=fuse, draft=None)
+    assert kept.weights == "quantized"
+    layer = kept.model.layers[3].mlp.down_proj
+    assert isinstance(layer, lora.LowRankAdded) and isinstance(layer.base, QLinear)
+    ids = torch.tensor([kept.tokenizer.encode("The shop opens at nine on Saturdays and closes at five; on Sundays")])
+    with torch.inference_mode():
+        got, want, before = kept.model(ids)[0], folded.model(ids)[0], plain.model(ids)[0]
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+    assert rel(got, want) < 2e-3 < rel(before, want)   # the adapter's numbers, to the kernel's ~float precision
+    assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
 
 
 def test_a_peft_format_adapter_round_trips(tmp_path):

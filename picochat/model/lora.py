@@ -11,6 +11,9 @@ train: r·(in + out) numbers per adapted matrix instead of in·out.
     merged = merge_lora(model)                          # plain nn.Linear layers again
     with adapters_off(model): ...                       # the base model again, on the same weights
 
+For generation on weights that cannot absorb the update (integer codes), `LowRankAdded` keeps a trained
+update beside the layer instead (load.attach_adapter).
+
 Adapters are saved and read in PEFT's format by formats/peft.py.
 """
 from __future__ import annotations
@@ -79,6 +82,29 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}"
+
+
+class LowRankAdded(nn.Module):
+    """A trained LoRA update beside a layer left as it is — a quantized one keeps its integer codes, which
+    W + (alpha/r)·BA could not be folded into exactly:
+
+        y = base(x) + B_s(A(x))        A: r × in, B_s = (alpha / r) · B: out × r, float32, frozen
+
+    Two thin products per token (r·(in + out) multiply-adds against the base's in·out). For inference."""
+
+    def __init__(self, base: nn.Module, A: torch.Tensor, B_scaled: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = A.shape[1], B_scaled.shape[0]
+        self.register_buffer("lora_A", A.float().contiguous(), persistent=False)
+        self.register_buffer("lora_B", B_scaled.float().contiguous(), persistent=False)
+
+    def forward(self, x):
+        y = self.base(x)
+        return y + F.linear(F.linear(x.float(), self.lora_A), self.lora_B).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, r={self.lora_A.shape[0]}"
 
 
 def _targets(model: nn.Module, targets) -> list[tuple[nn.Module, str, nn.Linear]]:
