@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,6 +126,34 @@ def test_a_file_that_is_not_sqlite_is_refused_unchanged(tmp_path, capsys):
     code, _, err = run_cli(["kb", "ls", "--kb", path], capsys)
     assert code == 1 and "is not an SQLite file" in one_error_line(err) and str(path) in err
     assert path.read_bytes() == b"my notes, not a database\n" * 10
+
+
+# In another process: is any lock held on the byte range of SQLite's shared locks (PENDING_BYTE + 2, 510 bytes)?
+LOCK_PROBE = """
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+probe = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0x40000000 + 2, 510, 0)
+print(struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0] != fcntl.F_UNLCK)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
+def test_opening_a_knowledge_base_twice_keeps_the_first_ones_sqlite_locks(tmp_path):
+    # POSIX locks belong to the process: had the foreign-file check opened and closed the file, the first
+    # connection's shared lock would be gone, and another process could checkpoint and delete the WAL under it
+    def locked() -> bool:
+        out = subprocess.run([sys.executable, "-c", LOCK_PROBE, str(path)], capture_output=True, text=True)
+        return out.stdout.strip() == "True"
+    path = tmp_path / "kb.sqlite"
+    first = KnowledgeBase(path, FakeEncoder())
+    first.set_setting("persona", "a shop assistant")   # a connection that has used the WAL holds a shared lock
+    assert locked()
+    second = KnowledgeBase(path, FakeEncoder())
+    assert second.setting("persona") == "a shop assistant"
+    second.close()
+    assert locked()
+    first.close()
+    assert not locked()
 
 
 def test_picochat_marks_its_files_and_accepts_an_older_unmarked_one(tmp_path):

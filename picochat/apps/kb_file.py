@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import stat
 from pathlib import Path
 
 APPLICATION_ID = int.from_bytes(b"pcKB", "big")   # 0x70634B42 = 1885555522: PRAGMA application_id of our files
-SQLITE_MAGIC = b"SQLite format 3\x00"            # the first 16 bytes of every SQLite 3 database file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -106,25 +106,23 @@ def sqlite_problem(path, error: sqlite3.Error, timeout: float) -> KnowledgeBaseE
 
 def refuse_foreign(path: Path, timeout: float):
     """Raise KnowledgeBaseError unless `path` is absent, empty, or a knowledge base picochat wrote (marked
-    with APPLICATION_ID, or an older picochat's, unmarked). Reads only: the header as bytes, then the mark
-    and tables through a read-only connection, so that another program's file is left exactly as it was."""
-    if path.is_dir():
-        raise KnowledgeBaseError(f"{path} is a folder, not a knowledge base file; give a file path ending in "
-                                 f".sqlite, or a knowledge base name")
-    if path.exists() and not path.is_file():   # a FIFO would hold open() (and SQLite) forever
-        raise KnowledgeBaseError(f"{path} is not a regular file, so not a knowledge base; give another path")
+    with APPLICATION_ID, or an older picochat's, unmarked). Reads only, through a read-only connection, so
+    that another program's file is left exactly as it was — and never opens the file itself: POSIX locks
+    belong to the process, and closing any descriptor of the file would drop the locks this process's other
+    connections to it hold (SQLite's own connections share them safely)."""
     try:
-        with open(path, "rb") as f:
-            header = f.read(100)
+        status = path.stat()
     except FileNotFoundError:
         return
     except OSError as e:
         raise KnowledgeBaseError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
-    if not header:
+    if stat.S_ISDIR(status.st_mode):
+        raise KnowledgeBaseError(f"{path} is a folder, not a knowledge base file; give a file path ending in "
+                                 f".sqlite, or a knowledge base name")
+    if not stat.S_ISREG(status.st_mode):   # a FIFO would hold SQLite forever
+        raise KnowledgeBaseError(f"{path} is not a regular file, so not a knowledge base; give another path")
+    if status.st_size == 0:
         return                         # an empty file is a new database to SQLite too
-    if not header.startswith(SQLITE_MAGIC):
-        raise KnowledgeBaseError(f"{path} is not an SQLite file, so not a knowledge base; picochat leaves it "
-                                 f"alone: give another path")
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
                                                 timeout=timeout)) as db:
@@ -132,6 +130,9 @@ def refuse_foreign(path: Path, timeout: float):
             if application_id == APPLICATION_ID or (application_id == 0 and _older_picochat(db)):
                 return
     except sqlite3.Error as e:
+        if (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_NOTADB:
+            raise KnowledgeBaseError(f"{path} is not an SQLite file (or a damaged one), so not a knowledge base; "
+                                     f"picochat leaves it alone: give another path") from None
         raise sqlite_problem(path, e, timeout) from None
     raise KnowledgeBaseError(f"{path} is another program's SQLite database (application_id {application_id:#x}, "
                              f"not picochat's {APPLICATION_ID:#x}); picochat only writes to knowledge bases it "
