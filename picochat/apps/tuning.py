@@ -109,8 +109,9 @@ def train_adapter(settings: TuneSettings, run: Path, pairs: list[dict], examples
 
 
 def gate_adapter(settings: TuneSettings, candidate: Path, gate_pairs: list[dict]) -> GateReport:
-    """The candidate measured beside the model served now (the base, or its approved adapter), both as float
-    weights (one at a time in memory), and the verdict."""
+    """The candidate measured beside the model served now (the base, or its approved adapter), each as it is
+    served — a quantized base on its integer kernel with the adapter beside it, prompts scored at decoding's
+    precision — one at a time in memory, and the verdict."""
     from ..backends import LocalModel
     from ..engine.engine import Engine
     from ..load import load
@@ -119,7 +120,7 @@ def gate_adapter(settings: TuneSettings, candidate: Path, gate_pairs: list[dict]
     names = (adapter_id(settings.model, current) or "base", adapter_id(settings.model, candidate))
     measured = []
     for adapter, name in zip((current, candidate), names):
-        loaded = load(settings.model, dtype="float32", adapter=adapter, quantized=False, draft=None)
+        loaded = load(settings.model, dtype="float32", adapter=adapter, draft=None, prompt_bits=15)
         measured.append(measure(LocalModel(Engine(loaded.model, loaded.tokenizer), name=name), pairs, settings.gate))
         del loaded
     return decide(*measured, settings.gate, names=names)
