@@ -1,11 +1,10 @@
 """`picochat dpo`: preference tuning on chosen / rejected pairs, full or LoRA (train/dpo.py)."""
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from ..train.config import TrainConfig, add_config_args
-from .sft import add_lora_args, lora_config
+from ..train.config import add_config_args
+from .sft import add_lora_args, lora_config, train_config
 
 HELP = "preference-tune a model on pairs of a better and a worse reply (DPO, IPO or SimPO)"
 DESCRIPTION = ("Direct preference optimisation on the one training loop. Pairs: JSONL of {\"prompt\": TEXT or "
@@ -40,8 +39,7 @@ def show_pairs_record(record: dict):
 def run(args) -> int:
     from ..train.dpo import dpo, dpo_defaults
     lora = lora_config(args)
-    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    config = dataclasses.replace(dpo_defaults(lora is not None), **given)
+    config = train_config(args, dpo_defaults(lora is not None))
     result = dpo(args.model, args.data, config, lora=lora, beta=args.beta, loss_type=args.loss,
                  val_fraction=args.val_fraction, resume=args.resume, on_record=show_pairs_record,
                  sft_weight=args.sft_weight)

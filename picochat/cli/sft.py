@@ -48,12 +48,17 @@ def lora_config(args):
     return LoRAConfig(r=args.lora_rank, alpha=alpha, dropout=args.lora_dropout, target_modules=targets)
 
 
+def train_config(args, defaults: TrainConfig) -> TrainConfig:
+    """The command's defaults with the training flags the user gave (those flags default to absent)."""
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    return dataclasses.replace(defaults, **given)
+
+
 def run(args) -> int:
     from ..data.conversations import LoadStats
     from ..train.sft import sft, sft_defaults
     lora = lora_config(args)
-    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    config = dataclasses.replace(sft_defaults(lora is not None), **given)
+    config = train_config(args, sft_defaults(lora is not None))
     stats = LoadStats()
     result = sft(args.model, args.data, config, lora=lora, packing=args.packing, val_fraction=args.val_fraction,
                  skip_malformed=args.skip_malformed, max_conversations=args.max_conversations, resume=args.resume,

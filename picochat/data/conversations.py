@@ -235,6 +235,16 @@ def fit_conversation(ids: np.ndarray, mask: np.ndarray, max_len: int):
     return ids[:ends[-1] + 1], mask[:ends[-1] + 1]
 
 
+def padded(rows: list[tuple], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of (token ids, trained mask) of different lengths as two arrays, right-padded with pad_id / False."""
+    width = max(len(row_ids) for row_ids, _ in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    for r, (row_ids, row_mask) in enumerate(rows):
+        ids[r, :len(row_ids)], mask[r, :len(row_ids)] = row_ids, row_mask
+    return ids, mask
+
+
 def inputs_and_targets(ids: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of a batch of rows: y is x shifted by one, -100 where the next token is not trained on."""
     ids = torch.from_numpy(ids)
@@ -310,12 +320,7 @@ class SFTStream:
             group = int(order[self.position % self.units])
             start = group * self.step_windows + self.rank * self.batch_size
             n = len(self.examples)
-            chosen = [self.examples[(start + i) % n] for i in range(self.batch_size)]
-            width = max(len(e[0]) for e in chosen)
-            ids = np.full((self.batch_size, width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((self.batch_size, width), dtype=bool)
-            for r, (e_ids, e_mask) in enumerate(chosen):
-                ids[r, :len(e_ids)], mask[r, :len(e_ids)] = e_ids, e_mask
+            ids, mask = padded([self.examples[(start + i) % n] for i in range(self.batch_size)], self.pad_id)
         step = self.step_windows if self.packing == "pack" else 1
         self.position += step
         if self.position + step > self.units:  # the next step would repeat rows: a new epoch

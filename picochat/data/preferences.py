@@ -20,7 +20,8 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..tokenizer.bpe import Tokenizer
-from .conversations import ConversationError, encode_conversation, inputs_and_targets, normalize_conversation
+from .conversations import (ConversationError, encode_conversation, inputs_and_targets, normalize_conversation,
+                            padded)
 from .tokens import DataError, read_meta
 
 DPO_FORMAT = "picochat-dpo-v1"
@@ -178,11 +179,8 @@ class PairStream:
         # the epoch's last batch is topped up from its start, untrained (all -100): each pair counts once
         counted = [start + i < len(order) for i in range(self.batch_size)] * 2
         rows = [pair[0] for pair in picked] + [pair[1] for pair in picked]
-        width = max(len(ids) for ids, _ in rows)
-        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=bool)
-        for r, (row_ids, row_mask) in enumerate(rows):
-            ids[r, :len(row_ids)], mask[r, :len(row_ids)] = row_ids, row_mask & counted[r]
+        ids, mask = padded([(row_ids, row_mask & counted[r]) for r, (row_ids, row_mask) in enumerate(rows)],
+                           self.pad_id)
         self.position += 1
         if self.position >= self.units:
             self.position, self.epoch = 0, self.epoch + 1
