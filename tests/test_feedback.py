@@ -3,6 +3,7 @@ surviving a restart, concurrent writers in threads and processes, another progra
 POST /v1/feedback on a live server (good bodies stored with the conversation and the model; every bad body a
 4xx naming the field, fuzzed: never a 500), the training data it becomes (the shapes `picochat dpo` and
 `picochat sft` read), and `picochat feedback ls|export`. The page's buttons: tests/test_web.py."""
+import contextlib
 import hashlib
 import json
 import os
@@ -59,6 +60,18 @@ def test_round_trip_and_a_second_rating_replaces_the_first(tmp_path):
         assert db.execute("PRAGMA application_id").fetchone()[0] == int.from_bytes(b"pcFB", "big")
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_file_left_in_rollback_mode_is_switched_to_wal_by_the_next_write(tmp_path):
+    # (the switch needs the file to itself for a moment: under other writers it may be left to a later write)
+    store = FeedbackStore(tmp_path / "fb.db")
+    store.record("r1", HELLO, "Hi!", "up")
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        assert db.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    store.record("r2", HELLO, "Yo.", "down")
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.count() == 2
 
 
 def test_another_programs_file_is_refused_and_left_as_it_was(tmp_path):

@@ -121,15 +121,28 @@ class FeedbackStore:
             # IMMEDIATE: the write lock from the start, so a second writer waits (busy timeout) instead of
             # failing when its read transaction cannot be upgraded
             db.execute("BEGIN IMMEDIATE")
-            created = self._claim(db)
+            self._claim(db)
             yield db
             db.execute("COMMIT")
-            if created:   # a file's journal mode is kept in it: once, outside the transaction
-                db.execute("PRAGMA journal_mode = WAL")
+            self._use_wal(db)
         except sqlite3.Error as e:
             raise self._problem(e) from None
         finally:
             db.close()   # (rolls back a transaction left open by an exception)
+
+    def _use_wal(self, db: sqlite3.Connection):
+        """Switch the file to WAL (readers never wait for a writer; the mode is kept in the file) unless it is
+        already. The switch needs every other connection off the file for a moment; with other writers at work
+        that may not come within the busy timeout, and the rating is already stored: then the file stays as it
+        is and a later write switches it."""
+        if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            return
+        db.execute("PRAGMA busy_timeout = 200")
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
 
     @contextlib.contextmanager
     def _reading(self):
